@@ -1,0 +1,196 @@
+"""The causal-LM LightningModule: GPT-2 from a config (or a pretrained folder), CE or key-token weighted loss."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import SumMetric
+
+from lmrecipes.losses import causal_lm_loss, causal_lm_loss_sum, keytoken_weighted_loss
+from lmrecipes.optim import build_optimizer
+
+LOSSES = ("ce", "keytoken", "keytoken_course")
+
+
+def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int, seq_len: int):
+    """``GPT2LMHeadModel`` from config keys, with the data-derived values filled in."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    known = set(GPT2Config().to_dict())
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"model.config has keys GPT2Config does not know: {unknown}")
+    cfg = GPT2Config(
+        **{
+            "n_positions": max(seq_len, 1024),
+            **config,
+            "vocab_size": vocab_size,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+        }
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def load_pretrained(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+class CausalLM(pl.LightningModule):
+    """GPT-2-style causal LM; logs ``train/loss``, ``val/loss``, ``val/ppl`` (token-weighted over batches and ranks)."""
+
+    def __init__(
+        self,
+        *,
+        config: dict | None = None,
+        pretrained: str | None = None,
+        vocab_size: int = 50257,
+        bos_token_id: int = 50256,
+        eos_token_id: int = 50256,
+        seq_len: int = 1024,
+        tokenizer_path: str | None = None,
+        loss: str = "ce",
+        keytokens: list[str] | None = None,
+        keytoken_alpha: float = 1.0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            config: ``GPT2Config`` keys (``n_layer``, ``n_embd``, ``n_head``, ``n_positions``...); empty = GPT-2 small.
+            pretrained: a causal-LM folder or Hub id to start from instead of ``config``.
+            vocab_size: linked from the tokenizer.
+            bos_token_id: linked from the tokenizer.
+            eos_token_id: linked from the tokenizer.
+            seq_len: linked from the data; must fit the model's ``n_positions``.
+            tokenizer_path: linked from the data; exported with the model and used for key tokens.
+            loss: ``ce``; ``keytoken`` (course's weighted loss divided by the weights' sum); ``keytoken_course``
+                (the course's formula exactly: mean of weighted per-sample losses).
+            keytokens: key tokens for the weighted losses (default: the course's plt, pd, sk, fit, predict).
+            keytoken_alpha: the course's ``alpha`` weight scale.
+            lr: peak learning rate.
+            weight_decay: AdamW decay, not applied to biases and norm weights.
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            lr_schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
+            warmup_steps: linear warmup length in optimizer steps.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            activation_checkpointing: recompute activations in backward to save memory.
+            compile: ``torch.compile`` the model.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+        self.model = (
+            load_pretrained(pretrained)
+            if pretrained
+            else build_gpt2(
+                config or {},
+                vocab_size=vocab_size,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                seq_len=seq_len,
+            )
+        )
+        self._check_fits(vocab_size, seq_len)
+        self.register_buffer("keytoken_ids", self._keytoken_ids(), persistent=False)
+        if activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:
+            self.model = torch.compile(self.model)
+        self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
+        self.flops_per_batch: int | None = None  # set by the throughput callback
+
+    def _check_fits(self, vocab_size: int, seq_len: int) -> None:
+        cfg = self.model.config
+        if vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model's embedding has only {cfg.vocab_size}; "
+                "use a matching tokenizer or a model built from config"
+            )
+        if seq_len > cfg.n_positions:
+            raise ValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={cfg.n_positions}")
+
+    def _keytoken_ids(self) -> torch.Tensor:
+        if self.hparams.loss == "ce":
+            return torch.zeros(0, dtype=torch.long)
+        from transformers import AutoTokenizer
+
+        from lmrecipes.tokenizers import DEFAULT_KEYTOKENS, resolve_keytoken_ids
+
+        if not self.hparams.tokenizer_path:
+            raise ValueError(
+                f"model.loss={self.hparams.loss!r} needs model.tokenizer_path to find key tokens"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_path)
+        return torch.tensor(resolve_keytoken_ids(tokenizer, self.hparams.keytokens or DEFAULT_KEYTOKENS))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+
+    def _loss(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "ce":
+            return causal_lm_loss(logits, input_ids)
+        normalize = self.hparams.loss == "keytoken"
+        return keytoken_weighted_loss(
+            input_ids, logits, self.keytoken_ids, alpha=self.hparams.keytoken_alpha, normalize=normalize
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        input_ids = batch["input_ids"]  # (B, T)
+        logits = self(input_ids)  # (B, T, V)
+        loss = self._loss(input_ids, logits)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(input_ids.numel() * self.trainer.world_size), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        input_ids = batch["input_ids"]  # (B, T)
+        total, count = causal_lm_loss_sum(self(input_ids), input_ids)
+        self.val_loss_sum.update(total)
+        self.val_tokens.update(count)
+
+    def on_validation_epoch_end(self) -> None:
+        # Synced sums over every batch of every rank: the token-weighted mean, not a mean of batch means.
+        loss = (self.val_loss_sum.compute() / self.val_tokens.compute().clamp(min=1)).item()
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True, rank_zero_only=False
+        )
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                "the learning-rate schedule needs the number of optimizer steps: set trainer.max_steps "
+                f"(streamed data has no length; Lightning estimated {total})"
+            )
+        optimizer, scheduler = build_optimizer(
+            self.model,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            betas=tuple(h.betas),
+            eps=h.eps,
+            schedule=h.lr_schedule,
+            warmup_steps=h.warmup_steps,
+            total_steps=int(total),
+            min_lr_ratio=h.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,87 @@
+"""AdamW parameter groups and warmup schedules counted in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """LayerNorm-like modules: torch's norm layers and any class named like ``*LayerNorm``/``*RMSNorm``."""
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+    name = type(module).__name__
+    return isinstance(module, norm_types) or name.endswith(("LayerNorm", "RMSNorm", "Norm"))
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of parameters with and without weight decay.
+
+    No decay on every bias and on every weight of a normalisation layer, found by module type. The course and
+    the book match the string ``"LayerNorm.weight"``, which misses GPT-2's ``ln_1``/``ln_2``/``ln_f`` and so
+    decays them towards 0; matching by type does not depend on attribute names.
+    """
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name.endswith("bias") or is_norm_module(module):
+                no_decay.add(full)
+    # named_parameters() deduplicates tied weights (GPT-2's lm_head shares wte), so each tensor is listed once.
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n in names if n not in no_decay], [n for n in names if n in no_decay]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights and (bias + norm) parameters with ``weight_decay=0``."""
+    params = dict(model.named_parameters())
+    decay, no_decay = split_decay_params(model)
+    return [
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def warmup_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """LR multiplier for optimizer step ``s``: linear warmup to 1, then cosine/linear decay to ``min_lr_ratio``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r} is not one of {SCHEDULES}")
+    if total_steps <= 0:
+        raise ValueError(f"the schedule needs a positive number of optimizer steps, got {total_steps}")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:  # same ramp as transformers' get_*_schedule_with_warmup
+            return step / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+    return multiplier
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    fused: bool | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` and a per-step LambdaLR; ``fused`` defaults to on for CUDA parameters."""
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
+    )
+    lr_lambda = warmup_lambda(schedule, warmup_steps, total_steps, min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
