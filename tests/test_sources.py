@@ -13,6 +13,7 @@ from lmrecipes.data.sources import (
     SourceError,
     SourceTree,
     open_source,
+    path_order_key,
     python_install_roots,
     sanitize_text,
 )
@@ -45,27 +46,32 @@ def contents(source, start: int = 0) -> list[tuple[int, str]]:
 def test_source_tree_order_start_and_columns(tmp_path):
     root = write_tree(tmp_path / "src")
     tree = SourceTree(roots=[root], progress=False)
-    assert [Path(f).relative_to(root).as_posix() for f in tree.files] == ["a/b.py", "a/c.py", "d.py"]
-    assert contents(tree) == [(0, "print('b')\n"), (1, "print('c')\n"), (2, "x = 1\n")]
-    assert contents(tree, start=2) == [(2, "x = 1\n")]
+    # ordered by a hash of the relative path (mixes packages), the same on every machine
+    assert [Path(f).relative_to(root).as_posix() for f in tree.files] == ["a/c.py", "d.py", "a/b.py"]
+    assert contents(tree) == [(0, "print('c')\n"), (1, "x = 1\n"), (2, "print('b')\n")]
+    assert contents(tree, start=2) == [(2, "print('b')\n")]
     first = next(tree.iter_raw())[1]
-    assert first == {"content": "print('b')\n", "path": str(root / "a" / "b.py"), "size": 11}
+    assert first == {"content": "print('c')\n", "path": str(root / "a" / "c.py"), "size": 11}
+    held = tree.iter_raw(select_path=lambda p: p.endswith("b.py"))
+    assert [(i, d["content"]) for i, d in held] == [(2, "print('b')\n")]
 
 
 def test_source_tree_non_utf8_both_policies(tmp_path):
     root = write_tree(tmp_path / "src")
-    (root / "a" / "bad.py").write_bytes(b"s = '\xff\xfe'\n")  # sorts between b.py and c.py
+    (root / "a" / "bad.py").write_bytes(b"s = '\xff\xfe'\n")  # ordered last: c.py, d.py, b.py, bad.py
     with pytest.raises(SourceError, match=r"a/bad\.py: .*expected UTF-8 text"):
         list(SourceTree(roots=[root], progress=False).iter_raw())
     tree = SourceTree(roots=[root], on_error="skip", progress=False)
-    assert [index for index, _ in tree.iter_raw()] == [0, 2, 3]  # the skipped file keeps index 1
+    assert [index for index, _ in tree.iter_raw(start=1)] == [1, 2]  # the skipped file keeps index 3
     assert tree.skipped == {"not_utf8": 1}
+    assert [index for index, _ in tree.iter_raw(start=3)] == []
+    assert tree.skipped == {"not_utf8": 2}  # counted again on the second pass
 
 
 def test_source_tree_too_large_and_bad_roots(tmp_path):
     root = write_tree(tmp_path / "src")
     tree = SourceTree(roots=[root], max_file_bytes=6, progress=False)  # only d.py (6 bytes) fits
-    assert contents(tree) == [(2, "x = 1\n")]
+    assert contents(tree) == [(1, "x = 1\n")]
     assert tree.skipped == {"too_large": 2}
     with pytest.raises(SourceError, match="do not exist"):
         SourceTree(roots=[tmp_path / "missing"])
@@ -85,7 +91,7 @@ def test_source_tree_fingerprint_follows_files(tmp_path):
 def test_source_tree_over_stdlib_json_package():
     package = Path(json.__file__).parent
     tree = SourceTree(roots=[package], progress=False)
-    expected = sorted(str(path) for path in package.glob("*.py"))  # json has no subpackages
+    expected = sorted((str(p) for p in package.glob("*.py")), key=lambda p: path_order_key(Path(p).name))
     assert tree.files == expected
     docs = dict(tree.iter_raw())
     init = docs[expected.index(str(package / "__init__.py"))]

@@ -202,9 +202,27 @@ def tokenizer_command(
     report_docs: int = 200,
     min_frequency: int = 2,
     text_column: str = "content",
+    pattern: str = "*.py",
+    on_error: str = "error",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a tokenizer on `source` documents, save it to `out` with a report measured on held-out files."""
+    """Train a byte-level BPE tokenizer on a source, save it as a Hugging Face folder, and report on held-out files.
+
+    Args:
+        source: ``python-install``, a directory, local files (jsonl/json/csv/parquet/txt, globs) or a Hub dataset id.
+        out: folder to write (tokenizer files and ``tokenizer_report.json``).
+        vocab_size: vocabulary size (the book uses 32,768).
+        base: retrain this tokenizer's pipeline with ``train_new_from_iterator`` (e.g. ``gpt2``) and compare to it.
+        keywords: keep only documents containing one of these strings (the course's filter).
+        max_docs: stop after this many kept documents.
+        max_chars: stop after this many characters of kept text.
+        report_docs: last kept documents held out from training to measure the report on.
+        min_frequency: minimum pair frequency for a merge.
+        text_column: column holding the text.
+        pattern: file glob for directory sources.
+        on_error: ``error`` or ``skip`` unreadable/non-UTF-8 files and bad records.
+        progress: progress bars.
+    """
     from lmrecipes.data.filters import FilterPipeline  # the data stack is heavy; load on use
     from lmrecipes.data.sources import open_source
 
@@ -212,7 +230,7 @@ def tokenizer_command(
         raise ValueError(
             f"report_docs={report_docs} must be at least 1 (the report needs held-out documents)"
         )
-    docs = open_source(source, text_column=text_column, progress=progress)
+    docs = open_source(source, text_column=text_column, pattern=pattern, on_error=on_error, progress=progress)
     keep = FilterPipeline(keywords=keywords)  # also drops empty files, which would waste held-out slots
 
     def kept() -> Iterator[str]:

@@ -20,8 +20,15 @@ from lmrecipes.data.pretokenize import (
     tokenizer_fingerprint,
     window_starts,
 )
-from lmrecipes.data.sources import open_source
-from lmrecipes.data.stream import PackedStream, StreamSpec, WindowStream, is_heldout, load_tokenizer
+from lmrecipes.data.sources import SourceTree, open_source
+from lmrecipes.data.stream import (
+    PackedStream,
+    StreamSpec,
+    WindowStream,
+    is_heldout,
+    load_tokenizer,
+    path_is_heldout,
+)
 
 
 class BatchList(IterableDataset):
@@ -122,6 +129,10 @@ class CodeDataModule(pl.LightningDataModule):
 
     # values linked into the model by the CLI
     @property
+    def seq_len(self) -> int:
+        return self.hparams.seq_len
+
+    @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
@@ -150,6 +161,8 @@ class CodeDataModule(pl.LightningDataModule):
                     keywords=self.hparams.keywords,
                     max_chars=self.hparams.train_tokenizer_max_chars,
                     text_column=self.hparams.text_column,
+                    pattern=self.hparams.pattern,
+                    on_error=self.hparams.on_error,
                     progress=self.hparams.progress,
                 )
         return path
@@ -220,8 +233,12 @@ class CodeDataModule(pl.LightningDataModule):
         """Validation windows of this rank (windows i with i % world_size == rank), batched once."""
         h = self.hparams
         filters, heldout = self._filters(), self._heldout()
-        docs = []
-        for _, doc in self._source("val").iter_raw():
+        docs, source = [], self._source("val")
+        if isinstance(source, SourceTree) and h.val_source is None:  # read only held-out files
+            raw = source.iter_raw(select_path=functools.partial(path_is_heldout, fraction=heldout))
+        else:
+            raw = source.iter_raw()
+        for _, doc in raw:
             if (h.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
                 docs.append((len(docs), doc))
                 if len(docs) >= h.val_max_docs:

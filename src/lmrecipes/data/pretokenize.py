@@ -29,6 +29,12 @@ def cache_key(parts: dict) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call to the Rust tokenizer (no special tokens, no length warnings)."""
+    encodings = tokenizer.backend_tokenizer.encode_batch([sanitize_text(t) for t in texts], add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+
 def tokenize_groups(
     docs: Iterable[tuple[int, dict]], tokenizer, *, group: int = 64
 ) -> Iterator[tuple[int, list[int]]]:
@@ -36,9 +42,7 @@ def tokenize_groups(
     batch: list[tuple[int, dict]] = []
 
     def flush():
-        ids = tokenizer([sanitize_text(d["content"]) for _, d in batch], add_special_tokens=False)[
-            "input_ids"
-        ]
+        ids = encode_batch(tokenizer, [d["content"] for _, d in batch])
         yield from zip((r for r, _ in batch), ids)
 
     for item in docs:

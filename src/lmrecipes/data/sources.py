@@ -118,6 +118,11 @@ class DocumentSource:
         return doc
 
 
+def path_order_key(relative_path: str) -> bytes:
+    """Sort key of a file in a source tree: a hash of its path relative to the root (stable across machines)."""
+    return hashlib.blake2b(Path(relative_path).as_posix().encode(), digest_size=8).digest()
+
+
 class SourceTree(DocumentSource):
     """One document per file under some directories, codeparrot style."""
 
@@ -143,33 +148,41 @@ class SourceTree(DocumentSource):
 
     @property
     def files(self) -> list[str]:
-        """Sorted absolute paths of every matching file, listed once."""
+        """Absolute paths of every matching file in a fixed (path-hash) order, listed once."""
         if self._files is None:
             self._files = self._list_files()
         return self._files
 
     def _list_files(self) -> list[str]:
-        found: set[str] = set()  # a set, because nested roots (stdlib holding site-packages) overlap
+        found: dict[str, str] = {}  # path -> path relative to its root; nested roots (stdlib holding site-packages) overlap
         with tqdm(desc="listing source files", unit=" files", disable=not self.progress) as bar:
             for root in self.roots:
                 # followlinks=False: symlinked directories can form loops and duplicate real trees.
                 for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
                     dirnames[:] = [d for d in dirnames if d != "__pycache__"]
                     for name in fnmatch.filter(filenames, self.pattern):
-                        found.add(os.path.join(dirpath, name))
+                        path = os.path.join(dirpath, name)
+                        found.setdefault(path, os.path.relpath(path, root))
                         bar.update(1)
         if not found:
             raise SourceError(f"no file matches {self.pattern!r} under {self.roots}")
-        return sorted(found)
+        # Ordered by a hash of the path, not alphabetically: a stream read front to back then mixes packages
+        # instead of training on one library at a time, and the order is still the same on every run.
+        return sorted(found, key=lambda p: path_order_key(found[p]))
 
     def fingerprint(self) -> str:
         """Hash of the sorted (path, size, mtime_ns) of every file."""
         return _short_hash(_file_stats(self.files))
 
-    def iter_raw(self, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """Yield one document per file; skipped files still consume their index."""
+    def iter_raw(self, start: int = 0, *, select_path=None) -> Iterator[tuple[int, dict]]:
+        """Yield one document per file; skipped files still consume their index.
+
+        ``select_path(path) -> bool`` skips files before reading them (a held-out split decided by path).
+        """
         files = self.files
         for index in range(start, len(files)):
+            if select_path is not None and not select_path(files[index]):
+                continue
             doc = self._read(files[index])
             if doc is not None:
                 yield index, doc

@@ -22,14 +22,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lmrecipes.data.filters import FilterPipeline, shard_of
 from lmrecipes.data.packing import Cursor, Packer
-from lmrecipes.data.sources import DocumentSource, sanitize_text
+from lmrecipes.data.pretokenize import encode_batch
+from lmrecipes.data.sources import DocumentSource
 
 
 def is_heldout(doc: dict, fraction: float) -> bool:
     """Stable train/validation split by a hash of the document path (the same on every machine and rank)."""
+    return path_is_heldout(str(doc["path"]), fraction)
+
+
+def path_is_heldout(path: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(str(doc["path"]).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 1_000_000 < fraction * 1_000_000
 
 
@@ -87,8 +92,7 @@ class PackedStream(IterableDataset):
     def _batches(self, packer, tokenizer, filters, shard, num_shards, start) -> Iterator[np.ndarray]:
         b = self.spec.batch_size
         for epoch, group in self._doc_groups(filters, shard, num_shards, start):
-            texts = [sanitize_text(doc["content"]) for _, doc in group]
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids = encode_batch(tokenizer, [doc["content"] for _, doc in group])
             for (raw_index, _), doc_ids in zip(group, ids):
                 skip = start.offset if (epoch, raw_index) == (start.epoch, start.raw_index) else 0
                 packer.add(raw_index, doc_ids, skip=skip, epoch=epoch)

@@ -58,7 +58,7 @@ class CausalLM(pl.LightningModule):
         keytoken_alpha: float = 1.0,
         lr: float = 5e-4,
         weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         lr_schedule: str = "cosine",
         warmup_steps: int = 1000,
@@ -170,6 +170,11 @@ class CausalLM(pl.LightningModule):
         self.log_dict(
             {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True, rank_zero_only=False
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from lmrecipes.export import record_class
+
+        record_class(self, checkpoint)
 
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end

@@ -1,0 +1,120 @@
+"""Callbacks: token throughput / MFU, data statistics, and the end-of-run report (export + sample)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+
+def transformer_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters + attention (12 x layers x width x seq_len), as in PaLM's MFU."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return 6.0 * params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting tokens, with MFU where the device's peak FLOP/s is known."""
+
+    def __init__(self, *, window_size: int = 20):
+        """
+        Args:
+            window_size: batches averaged for the rates.
+        """
+        super().__init__(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
+                         window_size=window_size)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        seq_len = pl_module.hparams.get("seq_len", 1024)
+        batch = trainer.datamodule.hparams.get("batch_size", 1) if trainer.datamodule is not None else 1
+        model = getattr(pl_module.model, "_orig_mod", pl_module.model)
+        pl_module.flops_per_batch = int(transformer_flops_per_token(model, seq_len) * seq_len * batch)
+        super().setup(trainer, pl_module, stage)
+
+
+class DataStats(pl.Callback):
+    """Logs the DataModule's ``data_stats()`` (documents kept, tokens tokenized, packed fraction) every N steps."""
+
+    def __init__(self, *, every_n_steps: int = 50):
+        """
+        Args:
+            every_n_steps: optimizer steps between logs.
+        """
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats_fn = getattr(trainer.datamodule, "data_stats", None)
+        if stats_fn is None or trainer.global_step % self.every_n_steps:
+            return
+        stats = stats_fn()
+        if stats:
+            pl_module.log_dict({k: float(v) for k, v in stats.items()}, reduce_fx="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(pl_module: pl.LightningModule, dataloader) -> float:
+    """Token-weighted mean validation loss over ``dataloader`` on this rank, with the module's own loss."""
+    from lmrecipes.losses import causal_lm_loss_sum
+
+    was_training = pl_module.training
+    pl_module.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for batch in dataloader:
+        input_ids = batch["input_ids"].to(pl_module.device)
+        loss_sum, n = causal_lm_loss_sum(pl_module(input_ids), input_ids)
+        total += loss_sum.double().cpu()
+        count += int(n)
+    pl_module.train(was_training)
+    return float(total / max(1, count))
+
+
+class RecipeReport(pl.Callback):
+    """The offline demo's report: perplexity before/after training, export, and a sample completion."""
+
+    def __init__(self, *, export_dir: str | None = None, prompts: list[str] | None = None, max_new_tokens: int = 48):
+        """
+        Args:
+            export_dir: export the trained model here at the end of fit (None: no export).
+            prompts: prompts to complete with the exported model.
+            max_new_tokens: tokens per completion.
+        """
+        self.export_dir = export_dir
+        self.prompts = prompts or []
+        self.max_new_tokens = max_new_tokens
+        self.before: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0 and trainer.datamodule is not None:
+            self.before = evaluate_loss(pl_module, trainer.datamodule.val_dataloader())
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        after = evaluate_loss(pl_module, trainer.datamodule.val_dataloader())
+        lines = [f"validation perplexity after {trainer.global_step} steps: {math.exp(after):.2f} (loss {after:.4f})"]
+        if self.before is not None:
+            lines.insert(0, f"validation perplexity of the untrained model: {math.exp(self.before):.2f} "
+                            f"(loss {self.before:.4f})")
+        if self.export_dir:
+            lines += self._export_and_sample(trainer, pl_module)
+        rank_zero_info("\n".join(["", "=" * 72, *lines, "=" * 72]))
+
+    def _export_and_sample(self, trainer, pl_module) -> list[str]:
+        from lmrecipes.export import generate, model_card, record_class, save_hf_folder
+
+        out = Path(self.export_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = {"global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                      "hyper_parameters": dict(pl_module.hparams),
+                      "datamodule_hyper_parameters": dict(trainer.datamodule.hparams)}
+        record_class(pl_module, checkpoint)
+        save_hf_folder(pl_module, out, card=model_card(checkpoint))
+        lines = [f"exported the model to {out}"]
+        for prompt, completions in zip(self.prompts, generate(str(out), self.prompts,
+                                                             max_new_tokens=self.max_new_tokens)):
+            lines += [f"--- completion of {prompt!r}:", prompt + completions[0]]
+        return lines

@@ -1,0 +1,140 @@
+"""``lmrecipes``: LightningCLI (fit/validate/test/predict) plus the tokenizer/export/generate commands.
+
+    lmrecipes fit --config configs/clm/offline.yaml
+    lmrecipes fit --config configs/clm/offline.yaml --ckpt_path last        # resume
+    lmrecipes tokenizer --source python-install --out tok --vocab_size 8192
+    lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
+    lmrecipes generate exported/ --prompt "import pandas as pd"
+
+Add ``--quiet`` anywhere to turn off progress bars (CI logs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Values that come from the data reach the model here and nowhere else. A link whose target the chosen model
+# class does not take is skipped by jsonargparse, so one table serves every recipe.
+DATA_TO_MODEL = {
+    "vocab_size": "vocab_size",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "seq_len": "seq_len",
+    "tokenizer_path": "tokenizer_path",
+}
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI with the data -> model links and a checkpoint that knows how to resume."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in DATA_TO_MODEL.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_resume_config(config)
+
+
+def check_resume_config(config) -> None:
+    """``--ckpt_path last`` silently starts from scratch without a ModelCheckpoint that has dirpath and save_last."""
+    if config.get("ckpt_path") != "last":
+        return
+    callbacks = config.trainer.get("callbacks") or []
+    for cb in callbacks:
+        class_path = cb.get("class_path", "") if hasattr(cb, "get") else ""
+        if class_path.endswith("ModelCheckpoint"):
+            args = cb.get("init_args") or {}
+            if args.get("dirpath") and args.get("save_last"):
+                return
+    raise ValueError(
+        "--ckpt_path last needs a ModelCheckpoint callback with an explicit dirpath and save_last: true in "
+        "trainer.callbacks (otherwise Lightning finds no last.ckpt and silently starts from scratch)"
+    )
+
+
+def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """A config file, preceded by the files it ``extends`` (resolved next to it), as ``--config`` values.
+
+    Variants state only what differs: ``extends: codeparrot-ds.yaml`` then the changed keys. Values are merged by
+    jsonargparse as if each file were given with its own ``--config``, base first.
+    """
+    import yaml
+
+    if path in _seen:
+        raise ValueError(f"config {path} extends itself through {' -> '.join(_seen)}")
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return [path]  # let jsonargparse report it (it also accepts inline YAML)
+    if not isinstance(content, dict) or "extends" not in content:
+        return [path]
+    base = str(Path(path).parent / content.pop("extends"))
+    return [*expand_config(base, (*_seen, path)), yaml.safe_dump(content, sort_keys=False)]
+
+
+def expand_configs(args: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        for part in expand_config(value):
+            out += ["--config", part]
+    return out
+
+
+def run_lightning(args: list[str]) -> None:
+    RecipeCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=expand_configs(args),
+    )
+
+
+def run_function(function, args: list[str]) -> None:
+    from jsonargparse import auto_cli
+
+    auto_cli(function, args=args)
+
+
+def extra_commands() -> dict:
+    from lmrecipes.export import export_command, generate_command
+    from lmrecipes.tokenizers import tokenizer_command
+
+    return {"tokenizer": tokenizer_command, "export": export_command, "generate": generate_command}
+
+
+def quiet(args: list[str]) -> list[str]:
+    """Strip ``--quiet`` and turn progress bars off (Lightning's through an override, tqdm's through its env)."""
+    if "--quiet" not in args:
+        return args
+    os.environ["TQDM_DISABLE"] = "1"
+    args = [a for a in args if a != "--quiet"]
+    if args and args[0] in ("fit", "validate", "test", "predict"):
+        args += ["--trainer.enable_progress_bar=false"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; returns None so a successful fit exits 0 (returning the CLI object exits 1)."""
+    args = quiet(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer ran
+    commands = extra_commands() if args and args[0] in ("tokenizer", "export", "generate") else {}
+    if commands:
+        run_function(commands[args[0]], args[1:])
+    else:
+        run_lightning(args)

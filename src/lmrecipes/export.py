@@ -1,0 +1,154 @@
+"""Checkpoint -> Hugging Face folder (safetensors, config, tokenizer, model card); generation from it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+# The book's "first block": stop a completion where the next top-level statement starts.
+_BLOCK_END = re.compile(r"\n(?:class |def |#|@|print|if |async def )")
+
+
+def module_from_checkpoint(ckpt: str):
+    """The LightningModule stored in ``ckpt`` (its class recorded by :func:`record_class`), on CPU, in eval mode."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    class_path = checkpoint.get("lmrecipes", {}).get("class_path")
+    if class_path is None:
+        raise ValueError(f"{ckpt} was not written by an lmrecipes module (no 'lmrecipes' entry)")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    return module.eval(), checkpoint
+
+
+def record_class(module, checkpoint: dict) -> None:
+    """Store what export needs: the module's class path and the metrics logged so far (plain floats)."""
+    metrics = {}
+    if module._trainer is not None:
+        metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items() if v.numel() == 1}
+    cls = type(module)
+    checkpoint["lmrecipes"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "metrics": metrics}
+
+
+def model_card(checkpoint: dict) -> str:
+    """A short README: what was trained, on what, for how long, and the last metrics."""
+    meta = checkpoint.get("lmrecipes", {})
+    hparams = {"model": checkpoint.get("hyper_parameters", {}), "data": checkpoint.get("datamodule_hyper_parameters", {})}
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items()))
+    return (
+        "---\nlibrary_name: transformers\ntags: [lmrecipes]\n---\n\n"
+        f"# {meta.get('class_path', 'model').rsplit('.', 1)[-1]} trained with lmrecipes\n\n"
+        f"Optimizer steps: {checkpoint.get('global_step', 0)}, epochs: {checkpoint.get('epoch', 0)}.\n\n"
+        f"| metric | value |\n|---|---|\n{metrics}\n\n"
+        f"## Training configuration\n\n```yaml\n{yaml.safe_dump(hparams, sort_keys=False)}```\n"
+    )
+
+
+def save_hf_folder(module, out: Path, *, card: str) -> None:
+    """Write model, tokenizer and card to ``out`` (its parent must exist)."""
+    from transformers import AutoTokenizer
+
+    model = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
+    model.save_pretrained(out)
+    tokenizer_path = module.hparams.get("tokenizer_path")
+    if tokenizer_path:
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
+    (out / "README.md").write_text(card)
+
+
+def export_command(ckpt: str, out: str, *, overwrite: bool = False, push_to_hub: str | None = None,
+                   private: bool = True) -> Path:
+    """Export a checkpoint to a Hugging Face folder that ``transformers.pipeline`` loads offline.
+
+    Args:
+        ckpt: checkpoint file written by ``lmrecipes fit``.
+        out: folder to create.
+        overwrite: replace an existing ``out`` (otherwise an existing folder is an error and is left untouched).
+        push_to_hub: also upload the folder to this Hub repo id (``create_repo`` + ``upload_folder``).
+        private: create the Hub repo as private.
+    """
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass --overwrite true to replace it")
+    module, checkpoint = module_from_checkpoint(ckpt)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.with_name(out_path.name + ".tmp-export")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_hf_folder(module, staging, card=model_card(checkpoint))
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    staging.rename(out_path)  # a failed export never leaves a half-written `out`
+    print(f"exported {ckpt} -> {out_path}")
+    if push_to_hub:
+        push_folder(out_path, push_to_hub, private=private)
+    return out_path
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: str = "lmrecipes export") -> None:
+    """Upload ``folder`` to a Hub model repo (huggingface_hub 2: ``create_repo`` + ``upload_folder``)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, private=private, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+
+
+def first_block(text: str) -> str:
+    """The completion up to the next top-level statement (the book's filter for function completions)."""
+    return _BLOCK_END.split(text, maxsplit=1)[0].rstrip()
+
+
+def generate(model_dir: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: int = 50, top_p: float = 0.95, num_return_sequences: int = 1, seed: int = 0,
+             only_first_block: bool = False, do_sample: bool = True) -> list[list[str]]:
+    """Completions (prompt excluded) for each prompt, sampled with a fixed seed."""
+    from transformers import pipeline, set_seed
+
+    set_seed(seed)
+    generator = pipeline("text-generation", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0)
+    eos = generator.tokenizer.eos_token_id
+    results = []
+    for prompt in prompts:
+        outputs = generator(
+            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            top_p=top_p, num_return_sequences=num_return_sequences, pad_token_id=eos, return_full_text=False,
+        )
+        texts = [o["generated_text"] for o in outputs]
+        results.append([first_block(t) if only_first_block else t for t in texts])
+    return results
+
+
+def generate_command(model: str, *, prompt: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
+                     top_k: int = 50, top_p: float = 0.95, num_return_sequences: int = 1, seed: int = 0,
+                     first_block: bool = False, greedy: bool = False, json_out: bool = False) -> list[list[str]]:
+    """Sample code completions from an exported model folder.
+
+    Args:
+        model: exported folder (or any causal-LM folder with a tokenizer).
+        prompt: one or more prompts.
+        max_new_tokens: tokens to generate per completion.
+        temperature: sampling temperature.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass.
+        num_return_sequences: completions per prompt.
+        seed: sampling seed.
+        first_block: cut each completion at the next top-level def/class/if/print/comment (the book's filter).
+        greedy: greedy decoding instead of sampling.
+        json_out: print JSON instead of text.
+    """
+    results = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
+                       only_first_block=first_block, do_sample=not greedy)
+    if json_out:
+        print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompt, results)], indent=2))
+    else:
+        for p, completions in zip(prompt, results):
+            for c in completions:
+                print(f"{p}{c}\n{'-' * 40}")
+    return results
