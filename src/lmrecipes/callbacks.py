@@ -26,8 +26,11 @@ class TokenThroughput(ThroughputMonitor):
         Args:
             window_size: batches averaged for the rates.
         """
-        super().__init__(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
-                         window_size=window_size)
+        super().__init__(
+            batch_size_fn=lambda b: b["input_ids"].shape[0],
+            length_fn=lambda b: b["input_ids"].numel(),
+            window_size=window_size,
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         seq_len = pl_module.hparams.get("seq_len", 1024)
@@ -57,14 +60,16 @@ class DataStats(pl.Callback):
 
 
 @torch.no_grad()
-def evaluate_loss(pl_module: pl.LightningModule, dataloader) -> float:
-    """Token-weighted mean validation loss over ``dataloader`` on this rank, with the module's own loss."""
+def evaluate_loss(pl_module: pl.LightningModule, dataloader, max_batches: int | None = None) -> float:
+    """Token-weighted mean validation loss over (the first ``max_batches`` of) ``dataloader`` on this rank."""
     from lmrecipes.losses import causal_lm_loss_sum
 
     was_training = pl_module.training
     pl_module.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in dataloader:
+    for i, batch in enumerate(dataloader):
+        if max_batches is not None and i >= max_batches:
+            break
         input_ids = batch["input_ids"].to(pl_module.device)
         loss_sum, n = causal_lm_loss_sum(pl_module(input_ids), input_ids)
         total += loss_sum.double().cpu()
@@ -76,45 +81,73 @@ def evaluate_loss(pl_module: pl.LightningModule, dataloader) -> float:
 class RecipeReport(pl.Callback):
     """The offline demo's report: perplexity before/after training, export, and a sample completion."""
 
-    def __init__(self, *, export_dir: str | None = None, prompts: list[str] | None = None, max_new_tokens: int = 48):
+    def __init__(
+        self,
+        *,
+        export_dir: str | None = None,
+        prompts: list[str] | None = None,
+        max_new_tokens: int = 48,
+        max_batches: int | None = None,
+    ):
         """
         Args:
             export_dir: export the trained model here at the end of fit (None: no export).
             prompts: prompts to complete with the exported model.
             max_new_tokens: tokens per completion.
+            max_batches: validation batches for the before/after perplexity (default: trainer.limit_val_batches
+                when it is a count, else all).
         """
+        self.max_batches = max_batches
         self.export_dir = export_dir
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
         self.before: float | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.global_step == 0 and trainer.datamodule is not None:
-            self.before = evaluate_loss(pl_module, trainer.datamodule.val_dataloader())
+        if trainer.global_step == 0 and trainer.datamodule is not None and self._limit(trainer) != 0:
+            self.before = evaluate_loss(pl_module, trainer.datamodule.val_dataloader(), self._limit(trainer))
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
-        after = evaluate_loss(pl_module, trainer.datamodule.val_dataloader())
-        lines = [f"validation perplexity after {trainer.global_step} steps: {math.exp(after):.2f} (loss {after:.4f})"]
+        lines = []
+        if self._limit(trainer) != 0:
+            after = evaluate_loss(pl_module, trainer.datamodule.val_dataloader(), self._limit(trainer))
+            lines.append(
+                f"validation perplexity after {trainer.global_step} steps: {math.exp(after):.2f} "
+                f"(loss {after:.4f})"
+            )
         if self.before is not None:
-            lines.insert(0, f"validation perplexity of the untrained model: {math.exp(self.before):.2f} "
-                            f"(loss {self.before:.4f})")
+            lines.insert(
+                0,
+                f"validation perplexity of the untrained model: {math.exp(self.before):.2f} "
+                f"(loss {self.before:.4f})",
+            )
         if self.export_dir:
             lines += self._export_and_sample(trainer, pl_module)
         rank_zero_info("\n".join(["", "=" * 72, *lines, "=" * 72]))
+
+    def _limit(self, trainer) -> int | None:
+        if self.max_batches is not None:
+            return self.max_batches
+        limit = trainer.limit_val_batches
+        return limit if isinstance(limit, int) else None
 
     def _export_and_sample(self, trainer, pl_module) -> list[str]:
         from lmrecipes.export import generate, model_card, record_class, save_hf_folder
 
         out = Path(self.export_dir)
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint = {"global_step": trainer.global_step, "epoch": trainer.current_epoch,
-                      "hyper_parameters": dict(pl_module.hparams),
-                      "datamodule_hyper_parameters": dict(trainer.datamodule.hparams)}
+        checkpoint = {
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "hyper_parameters": dict(pl_module.hparams),
+            "datamodule_hyper_parameters": dict(trainer.datamodule.hparams),
+        }
         record_class(pl_module, checkpoint)
         save_hf_folder(pl_module, out, card=model_card(checkpoint))
         lines = [f"exported the model to {out}"]
-        for prompt, completions in zip(self.prompts, generate(str(out), self.prompts,
-                                                             max_new_tokens=self.max_new_tokens)):
+        for prompt, completions in zip(
+            self.prompts, generate(str(out), self.prompts, max_new_tokens=self.max_new_tokens)
+        ):
             lines += [f"--- completion of {prompt!r}:", prompt + completions[0]]
         return lines

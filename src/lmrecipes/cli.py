@@ -132,9 +132,21 @@ def quiet(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; returns None so a successful fit exits 0 (returning the CLI object exits 1)."""
     args = quiet(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after the tokenizer ran
+    os.environ.setdefault(
+        "TOKENIZERS_PARALLELISM", "false"
+    )  # DataLoader workers fork after the tokenizer ran
     commands = extra_commands() if args and args[0] in ("tokenizer", "export", "generate") else {}
     if commands:
         run_function(commands[args[0]], args[1:])
     else:
-        run_lightning(args)
+        try:
+            run_lightning(args)
+        except ValueError as err:
+            # jsonargparse wraps errors raised in our __init__ validation in a long "Union subtypes" report;
+            # the user needs only our message, which names the key and the accepted values.
+            if (
+                "Does not validate against any of the Union subtypes" in str(err)
+                and err.__cause__ is not None
+            ):
+                raise err.__cause__ from None
+            raise

@@ -39,7 +39,10 @@ def record_class(module, checkpoint: dict) -> None:
 def model_card(checkpoint: dict) -> str:
     """A short README: what was trained, on what, for how long, and the last metrics."""
     meta = checkpoint.get("lmrecipes", {})
-    hparams = {"model": checkpoint.get("hyper_parameters", {}), "data": checkpoint.get("datamodule_hyper_parameters", {})}
+    hparams = {
+        "model": checkpoint.get("hyper_parameters", {}),
+        "data": checkpoint.get("datamodule_hyper_parameters", {}),
+    }
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items()))
     return (
         "---\nlibrary_name: transformers\ntags: [lmrecipes]\n---\n\n"
@@ -62,8 +65,9 @@ def save_hf_folder(module, out: Path, *, card: str) -> None:
     (out / "README.md").write_text(card)
 
 
-def export_command(ckpt: str, out: str, *, overwrite: bool = False, push_to_hub: str | None = None,
-                   private: bool = True) -> Path:
+def export_command(
+    ckpt: str, out: str, *, overwrite: bool = False, push_to_hub: str | None = None, private: bool = True
+) -> Path:
     """Export a checkpoint to a Hugging Face folder that ``transformers.pipeline`` loads offline.
 
     Args:
@@ -91,7 +95,9 @@ def export_command(ckpt: str, out: str, *, overwrite: bool = False, push_to_hub:
     return out_path
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = True, message: str = "lmrecipes export") -> None:
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool = True, message: str = "lmrecipes export"
+) -> None:
     """Upload ``folder`` to a Hub model repo (huggingface_hub 2: ``create_repo`` + ``upload_folder``)."""
     from huggingface_hub import create_repo, upload_folder
 
@@ -104,29 +110,65 @@ def first_block(text: str) -> str:
     return _BLOCK_END.split(text, maxsplit=1)[0].rstrip()
 
 
-def generate(model_dir: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 50, top_p: float = 0.95, num_return_sequences: int = 1, seed: int = 0,
-             only_first_block: bool = False, do_sample: bool = True) -> list[list[str]]:
+def generate(
+    model_dir: str,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    only_first_block: bool = False,
+    do_sample: bool = True,
+) -> list[list[str]]:
     """Completions (prompt excluded) for each prompt, sampled with a fixed seed."""
     from transformers import pipeline, set_seed
 
     set_seed(seed)
-    generator = pipeline("text-generation", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0)
+    generator = pipeline(
+        "text-generation", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0
+    )
     eos = generator.tokenizer.eos_token_id
+    context = (
+        getattr(generator.model.config, "n_positions", None) or generator.model.config.max_position_embeddings
+    )
     results = []
     for prompt in prompts:
+        prompt_len = len(generator.tokenizer(prompt)["input_ids"])
+        if prompt_len >= context:
+            raise ValueError(f"the prompt has {prompt_len} tokens; the model's context is {context}")
         outputs = generator(
-            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-            top_p=top_p, num_return_sequences=num_return_sequences, pad_token_id=eos, return_full_text=False,
+            prompt,
+            max_new_tokens=min(max_new_tokens, context - prompt_len),
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=eos,
+            return_full_text=False,
         )
         texts = [o["generated_text"] for o in outputs]
         results.append([first_block(t) if only_first_block else t for t in texts])
     return results
 
 
-def generate_command(model: str, *, prompt: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
-                     top_k: int = 50, top_p: float = 0.95, num_return_sequences: int = 1, seed: int = 0,
-                     first_block: bool = False, greedy: bool = False, json_out: bool = False) -> list[list[str]]:
+def generate_command(
+    model: str,
+    *,
+    prompt: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    num_return_sequences: int = 1,
+    seed: int = 0,
+    first_block: bool = False,
+    greedy: bool = False,
+    json_out: bool = False,
+) -> list[list[str]]:
     """Sample code completions from an exported model folder.
 
     Args:
@@ -142,9 +184,18 @@ def generate_command(model: str, *, prompt: list[str], max_new_tokens: int = 64,
         greedy: greedy decoding instead of sampling.
         json_out: print JSON instead of text.
     """
-    results = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, num_return_sequences=num_return_sequences, seed=seed,
-                       only_first_block=first_block, do_sample=not greedy)
+    results = generate(
+        model,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_return_sequences=num_return_sequences,
+        seed=seed,
+        only_first_block=first_block,
+        do_sample=not greedy,
+    )
     if json_out:
         print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompt, results)], indent=2))
     else:

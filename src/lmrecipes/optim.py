@@ -85,3 +85,13 @@ def build_optimizer(
     )
     lr_lambda = warmup_lambda(schedule, warmup_steps, total_steps, min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+def sync_scheduler_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's LR to what the schedule gives at the restored step.
+
+    A restored optimizer carries the LR of the run that saved it; when the resumed run's schedule differs
+    (``max_steps`` extended, say), that stale LR would be used for one step before the scheduler steps again.
+    """
+    for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)

@@ -254,6 +254,10 @@ def tokenizer_command(
         min_frequency=min_frequency,
         progress=progress,
     )
+    if keep.counts["kept"] == 0:
+        raise ValueError(
+            f"the filters kept no documents of {source!r} to train a tokenizer on: {keep.summary()}"
+        )
     if counts["train_docs"] == 0:
         raise ValueError(
             f"only {len(held)} documents kept, all held out by report_docs={report_docs}; lower it"

@@ -160,6 +160,7 @@ class CodeDataModule(pl.LightningDataModule):
                     vocab_size=vocab,
                     keywords=self.hparams.keywords,
                     max_chars=self.hparams.train_tokenizer_max_chars,
+                    report_docs=20,
                     text_column=self.hparams.text_column,
                     pattern=self.hparams.pattern,
                     on_error=self.hparams.on_error,

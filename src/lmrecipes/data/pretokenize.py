@@ -8,6 +8,7 @@ never leaves a half-written cache that a later run would trust.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,7 +32,14 @@ def cache_key(parts: dict) -> str:
 
 def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts in one call to the Rust tokenizer (no special tokens, no length warnings)."""
-    encodings = tokenizer.backend_tokenizer.encode_batch([sanitize_text(t) for t in texts], add_special_tokens=False)
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:
+        # A call with truncation=True (or a tokenizer.json saved after one) leaves it set on the Rust backend,
+        # which would silently cut every document to max_length here: encode whole documents with a copy.
+        backend = copy.deepcopy(backend)
+        backend.no_truncation()
+        backend.no_padding()
+    encodings = backend.encode_batch([sanitize_text(t) for t in texts], add_special_tokens=False)
     return [e.ids for e in encodings]
 
 

@@ -154,7 +154,9 @@ class SourceTree(DocumentSource):
         return self._files
 
     def _list_files(self) -> list[str]:
-        found: dict[str, str] = {}  # path -> path relative to its root; nested roots (stdlib holding site-packages) overlap
+        found: dict[
+            str, str
+        ] = {}  # path -> path relative to its root; nested roots (stdlib holding site-packages) overlap
         with tqdm(desc="listing source files", unit=" files", disable=not self.progress) as bar:
             for root in self.roots:
                 # followlinks=False: symlinked directories can form loops and duplicate real trees.

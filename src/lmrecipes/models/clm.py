@@ -9,7 +9,7 @@ import torch
 from torchmetrics import SumMetric
 
 from lmrecipes.losses import causal_lm_loss, causal_lm_loss_sum, keytoken_weighted_loss
-from lmrecipes.optim import build_optimizer
+from lmrecipes.optim import build_optimizer, sync_scheduler_lr
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
 
@@ -170,6 +170,10 @@ class CausalLM(pl.LightningModule):
         self.log_dict(
             {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True, rank_zero_only=False
         )
+
+    def on_train_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            sync_scheduler_lr(config.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from lmrecipes.export import record_class

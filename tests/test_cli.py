@@ -1,0 +1,252 @@
+"""End-to-end runs of the real CLI on a tiny real-code corpus: fit, resume, export, generate, configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lmrecipes.cli import RecipeCLI, expand_configs, main
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = str(REPO / "configs" / "clm" / "offline.yaml")
+TINY_MODEL = (
+    "{n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
+)
+
+
+@pytest.fixture(scope="module")
+def code_tree(tmp_path_factory) -> Path:
+    """~80 real stdlib modules, some prefixed with a data-science import so the course's filter keeps them."""
+    root = tmp_path_factory.mktemp("code")
+    stdlib = Path(json.__file__).parent.parent
+    files = [
+        f
+        for pkg in ("json", "email", "unittest", "logging", "http")
+        for f in sorted((stdlib / pkg).glob("*.py"))
+    ]
+    for i, src in enumerate(files):
+        text = src.read_text(encoding="utf-8")
+        prefix = "import pandas as pd\nimport matplotlib.pyplot as plt\n" if i % 4 else ""
+        (root / f"m{i:03d}_{src.name}").write_text(prefix + text, encoding="utf-8")
+    return root
+
+
+def fit_args(tree: Path, run: Path, *extra: str) -> list[str]:
+    """The offline config, pointed at the tiny corpus and scaled to seconds; paths under ``run``."""
+    return [
+        "fit", "--config", OFFLINE,
+        "--data.init_args.train_source", str(tree),
+        "--data.init_args.tokenizer", str(run / "tokenizer"),
+        "--data.init_args.train_tokenizer_vocab", "400",
+        "--data.init_args.heldout_fraction", "0.15",
+        "--data.init_args.seq_len", "32",
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.num_workers", "0",
+        "--data.init_args.val_max_docs", "8",
+        "--data.init_args.progress", "false",
+        "--model.init_args.config", TINY_MODEL,
+        "--model.init_args.warmup_steps", "2",
+        "--trainer.max_steps", "6",
+        "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "4",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_metric(run: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) rows of one metric from every CSV log written under ``run``."""
+    rows = []
+    for path in sorted(run.glob("runs/clm-offline/csv/*/metrics.csv")):
+        with open(path) as f:
+            rows += [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fitted(code_tree, tmp_path_factory):
+    """One real ``lmrecipes fit`` of the offline config (scaled down), run from an empty folder."""
+    run = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run)
+        main(fit_args(code_tree, run))
+    return run
+
+
+def test_fit_writes_checkpoints_config_logs_and_export(fitted):
+    ckpts = fitted / "runs" / "clm-offline" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    saved = yaml.safe_load(next(fitted.glob("runs/clm-offline/**/config.yaml")).read_text())
+    assert saved["seed_everything"] == 42
+    ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)  # plain types only
+    assert ckpt["global_step"] == 6
+    assert ckpt["hyper_parameters"]["vocab_size"] == 400  # linked from the trained tokenizer
+    assert ckpt["CodeDataModule"]["ranks"][0]["consumed"] == 6
+    ppl = read_metric(fitted, "val/ppl")
+    assert [s for s, _ in ppl] == [2, 5]  # validated after batches 3 and 6
+    assert all(1.0 < v < 400 * 1.5 for _, v in ppl)
+    export = fitted / "runs" / "clm-offline" / "export"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    assert "val/ppl" in (export / "README.md").read_text()
+
+
+def test_export_command_then_pipeline_generates(fitted, capsys):
+    from transformers import pipeline
+
+    out = fitted / "exported"
+    main(["export", str(fitted / "runs/clm-offline/checkpoints/last.ckpt"), str(out)])
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("import pandas as pd\n", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("import pandas as pd\n") and len(text) > len("import pandas as pd\n")
+    with pytest.raises(ValueError, match="already exists"):
+        main(["export", str(fitted / "runs/clm-offline/checkpoints/last.ckpt"), str(out)])
+    assert (out / "model.safetensors").is_file()  # the refused export left the folder intact
+    capsys.readouterr()
+    main(
+        [
+            "generate",
+            str(out),
+            "--prompt",
+            "[def f(]",
+            "--max_new_tokens",
+            "5",
+            "--num_return_sequences",
+            "2",
+            "--json_out",
+            "true",
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed[0]["prompt"] == "def f(" and len(printed[0]["completions"]) == 2
+
+
+def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch):
+    """Stop after 3 steps, resume with --ckpt_path last: steps 4-6 match an uninterrupted run exactly.
+
+    The first part runs with max_steps=3, so its cosine schedule is shorter; with warmup_steps=2 both schedules
+    give the same LRs for steps 0-2, and the resumed run must recompute the LR of step 3 for max_steps=6
+    (a restored optimizer still holds the old schedule's last LR).
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok")]
+    every_step = ["--trainer.val_check_interval", "100", "--trainer.limit_val_batches", "0"]
+    for run in (straight, resumed):
+        run.mkdir()
+    monkeypatch.chdir(straight)
+    main(fit_args(code_tree, straight, *tokenizer, *every_step))
+    monkeypatch.chdir(resumed)
+    main(fit_args(code_tree, resumed, *tokenizer, *every_step, "--trainer.max_steps", "3"))
+    ckpt = resumed / "runs/clm-offline/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    main(fit_args(code_tree, resumed, *tokenizer, *every_step, "--ckpt_path", "last"))
+    a = dict(read_metric(straight, "train/loss"))
+    b = dict(read_metric(resumed, "train/loss"))
+    assert sorted(a) == sorted(b) == list(range(6))
+    for step in range(6):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok"), "--trainer.limit_val_batches", "0"]
+    main(fit_args(code_tree, tmp_path, *tokenizer, "--trainer.max_steps", "2"))
+    with pytest.raises(ValueError, match=r"batch_size: 4 -> 8"):
+        main(
+            fit_args(
+                code_tree, tmp_path, *tokenizer, "--ckpt_path", "last", "--data.init_args.batch_size", "8"
+            )
+        )
+
+
+def test_ckpt_path_last_without_save_last_is_an_error(code_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="save_last"):
+        main(fit_args(code_tree, tmp_path, "--trainer.callbacks", "[]", "--ckpt_path", "last"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--data.init_args.seq_len", "128"], "exceeds the model's n_positions=64"),
+        (["--data.init_args.keywords", "[no_such_keyword_anywhere]"], "kept no"),
+        (["--model.init_args.loss", "keytoken", "--model.init_args.keytokens", "[zzqx]"], "single token"),
+    ],
+)
+def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, override, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ValueError, SystemExit)) as err:
+        main(fit_args(code_tree, tmp_path, "--data.init_args.tokenizer", str(tmp_path / "tok"), *override))
+    assert message in str(err.value)
+    assert not (tmp_path / "runs/clm-offline/checkpoints/last.ckpt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "clm").glob("*.yaml")))
+def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeypatch):
+    """Each shipped YAML builds its Trainer, DataModule and model (Hub ids swapped for local paths)."""
+    monkeypatch.chdir(tmp_path)
+    local = [
+        "--data.init_args.train_source", str(code_tree), "--data.init_args.val_source", "null",
+        "--data.init_args.tokenizer", str(tmp_path / "tok"), "--data.init_args.train_tokenizer_vocab", "300",
+        "--data.init_args.heldout_fraction", "0.1", "--data.init_args.progress", "false",
+    ]  # fmt: skip
+    args = expand_configs(["--config", str(REPO / "configs" / "clm" / name), *local])
+    with torch.device("meta"):  # the 1.5B config is built without allocating its weights
+        cli = RecipeCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+        )
+    raw = yaml.safe_load((REPO / "configs" / "clm" / name).read_text())
+    n_layer = {"codeparrot.yaml": 48}.get(
+        name, (raw.get("model", {}).get("init_args", {}).get("config") or {}).get("n_layer", 12)
+    )
+    assert cli.model.model.config.n_layer == n_layer
+    assert cli.model.hparams.vocab_size == 300
+    assert cli.trainer.max_steps > 0
+
+
+def test_overfit_one_batch_loss_falls():
+    import lightning.pytorch as pl
+
+    from lmrecipes.models.clm import CausalLM
+
+    pl.seed_everything(0)
+    model = CausalLM(
+        config={"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32},
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=0,
+        lr_schedule="constant",
+    )
+    batch = {"input_ids": torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))}
+    loader = torch.utils.data.DataLoader([batch] * 60, batch_size=None)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    assert losses[0] > 4.0  # ~ln(64) at init
+    assert losses[-1] < 0.25 * losses[0]

@@ -1,0 +1,365 @@
+"""Packed streams over a real source tree and tokenizer: sharding, de-duplication, exact resume, token caches."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from lmrecipes.data.filters import FilterPipeline, shard_of
+from lmrecipes.data.packing import concat_windows, overflow_chunks
+from lmrecipes.data.pretokenize import (
+    build_token_file,
+    encode_batch,
+    ensure_token_file,
+    load_token_file,
+    tokenizer_fingerprint,
+    window_starts,
+)
+from lmrecipes.data.sources import open_source
+from lmrecipes.data.stream import PackedStream, StreamSpec, WindowStream, is_heldout, path_is_heldout
+from lmrecipes.tokenizers import train_bpe_tokenizer
+
+SEQ_LEN, BATCH = 16, 4
+TOKENS_PER_BATCH = SEQ_LEN * BATCH
+
+
+def _synthetic_file(i: int) -> str:
+    """Python-looking code whose length varies from one line to ~60 lines."""
+    lines = (i * 7) % 19 + 1 if i % 9 else 55
+    head = "import pandas as pd\n" if i % 4 == 0 else f"import os  # module {i}\n"
+    body = "".join(f"    value_{j} = x * {i + j} + {j % 5}\n" for j in range(lines))
+    return f"{head}\n\ndef function_{i}(x):\n{body}    return value_{lines - 1}\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~40 .py files (with exact and whitespace-only duplicates, an empty file) and a tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("stream")
+    tree = root / "tree"
+    contents = {f"pkg{i % 3}/mod_{i}.py": _synthetic_file(i) for i in range(34)}
+    contents["pkg0/short.py"] = "x = 1\n"  # shorter than one window
+    contents["pkg1/copy_of_5.py"] = contents["pkg2/mod_5.py"]
+    contents["pkg2/copy_of_8.py"] = contents["pkg2/mod_8.py"]
+    # The same as mod_12 once whitespace is removed: a duplicate for codeparrot-style dedup.
+    contents["copy_of_12.py"] = contents["pkg0/mod_12.py"].replace("    ", "\t")
+    contents["pkg1/empty.py"] = ""
+    contents["pkg1/blank.py"] = "\n   \n"
+    for rel, text in contents.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    (tree / "README.txt").write_text("not python")
+    tokenizer = train_bpe_tokenizer(list(contents.values()), vocab_size=300, progress=False)
+    tokenizer.save_pretrained(root / "tokenizer")
+    return tree, str(root / "tokenizer")
+
+
+def _spec(corpus, **overrides) -> StreamSpec:
+    tree, tokenizer_path = corpus
+    fields = dict(
+        make_source=functools.partial(open_source, str(tree), progress=False),
+        make_filters=functools.partial(FilterPipeline, keywords=None, dedup=True),
+        tokenizer_path=tokenizer_path,
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        mode="concat",
+    )
+    return StreamSpec(**(fields | overrides))
+
+
+def _kept_docs(corpus, num_shards: int = 1, heldout: float = 0.0) -> list[list[tuple[int, list[int]]]]:
+    """Per shard: the (raw index, token ids) of each kept document, de-duplicated over the whole source."""
+    tree, tokenizer_path = corpus
+    filters = FilterPipeline(dedup=True)
+    shards = [[] for _ in range(num_shards)]
+    docs = [
+        (raw, doc)
+        for raw, doc in open_source(str(tree), progress=False).iter_raw()
+        if not is_heldout(doc, heldout) and filters(doc)
+    ]
+    if not heldout:
+        assert filters.counts["dropped_duplicate"] == 3 and filters.counts["dropped_empty"] == 2
+    ids = encode_batch(AutoTokenizer.from_pretrained(tokenizer_path), [doc["content"] for _, doc in docs])
+    for (raw, doc), doc_ids in zip(docs, ids):
+        shards[shard_of(doc, num_shards)].append((raw, doc_ids))
+    return shards
+
+
+def _joined(docs, eos: int) -> np.ndarray:
+    return np.concatenate([np.asarray([*ids, eos], dtype=np.int64) for _, ids in docs])
+
+
+def _take(stream, n: int) -> list[dict]:
+    iterator = iter(stream)
+    batches = [next(iterator) for _ in range(n)]
+    del iterator  # shuts DataLoader workers down
+    return batches
+
+
+def _cursor_to_token(docs, epoch_tokens: int, cursor) -> int:
+    """Index in the endless per-shard token stream at which a cursor (epoch, raw_index, offset) points."""
+    epoch, raw, offset = cursor
+    start = 0
+    for doc_raw, ids in docs:
+        if doc_raw >= raw:
+            return epoch * epoch_tokens + start + offset
+        start += len(ids) + 1
+    return (epoch + 1) * epoch_tokens + offset  # past the last document: the start of the next epoch
+
+
+@pytest.fixture(scope="module")
+def eos(corpus):
+    return AutoTokenizer.from_pretrained(corpus[1]).eos_token_id
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_cover_every_kept_document_once(corpus, eos, world_size):
+    shards = _kept_docs(corpus, world_size)
+    all_docs = sorted(d for shard in shards for d in shard)
+    assert len(all_docs) == 35 and all(shards)
+    epoch_streams = []
+    for rank, docs in enumerate(shards):
+        joined = _joined(docs, eos)  # one epoch of this rank
+        n = len(joined) // TOKENS_PER_BATCH + 3  # past the epoch boundary
+        batches = _take(PackedStream(_spec(corpus), rank=rank, world_size=world_size), n)
+        stream = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
+        assert all(b["input_ids"].shape == (BATCH, SEQ_LEN) for b in batches)
+        # Epoch 0 then the start of epoch 1, token for token: nothing lost or repeated at document boundaries.
+        expected = np.concatenate([joined, joined])[: len(stream)]
+        assert np.array_equal(stream, expected)
+        # Each position is the exact cursor after its batch; the epoch turns over where the data does.
+        for i, batch in enumerate(batches):
+            logical, *cursor = batch["position"].tolist()
+            assert logical == 0
+            assert _cursor_to_token(docs, len(joined), cursor) == (i + 1) * TOKENS_PER_BATCH
+        assert [b["position"][1].item() for b in batches][-1] == 1
+        stats = batches[0]["stats"].tolist()  # [seen, kept, tokens in, tokens packed]
+        assert stats[1:3] == [len(docs), sum(len(ids) for _, ids in docs)]
+        assert stats[3] == int((batches[0]["input_ids"] != eos).sum())
+        epoch_streams.append(stream[: len(joined)])
+    # Per document: its ids + EOS form one run starting at a document boundary, on exactly one rank.
+    for _, ids in all_docs:
+        run = np.asarray([*ids, eos])
+        hits = 0
+        for stream in epoch_streams:
+            windows = np.lib.stride_tricks.sliding_window_view(stream, len(run))
+            starts = np.flatnonzero((windows == run).all(axis=1))
+            hits += sum(1 for s in starts if s == 0 or stream[s - 1] == eos)
+        assert hits == 1
+
+
+def test_heldout_documents_are_skipped(corpus, eos):
+    (docs,) = _kept_docs(corpus, 1, heldout=0.3)
+    assert 15 < len(docs) < 32
+    joined = _joined(docs, eos)
+    batches = _take(PackedStream(_spec(corpus, heldout_fraction=0.3), rank=0, world_size=1), 6)
+    stream = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
+    assert np.array_equal(stream, joined[: len(stream)])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus):
+    """Rank 0 of 1, read directly for about 2.5 epochs."""
+    epoch_tokens = len(_joined(_kept_docs(corpus, 1)[0], 0))
+    return _take(PackedStream(_spec(corpus), rank=0, world_size=1), epoch_tokens * 5 // 2 // TOKENS_PER_BATCH)
+
+
+def _duplicate_pairs(corpus) -> list[tuple[int, int]]:
+    """(raw index of a document, raw index of its later duplicate)."""
+    first_seen, pairs = {}, []
+    for raw, doc in open_source(str(corpus[0]), progress=False).iter_raw():
+        key = "".join(doc["content"].split())
+        if key and key in first_seen:
+            pairs.append((first_seen[key], raw))
+        first_seen.setdefault(key, raw)
+    return pairs
+
+
+def test_resume_from_any_position_continues_exactly(corpus, uninterrupted):
+    epochs = [b["position"][1].item() for b in uninterrupted]
+    boundary = epochs.index(1)
+    stops = [0, 1, 7, boundary - 1, boundary, boundary + 2, epochs.index(2) - 1]
+    # Stops between a document and its duplicate: the resumed stream must still drop the duplicate.
+    pairs = _duplicate_pairs(corpus)
+    assert len(pairs) == 3
+    for original, duplicate in pairs:
+        between = [k for k in range(boundary) if original < uninterrupted[k]["position"][2] <= duplicate]
+        stops += between[:1]
+    assert len(stops) >= 8
+    for k in stops:
+        resume = {"consumed": k + 1, "cursors": {0: uninterrupted[k]["position"][1:].tolist()}}
+        resumed = _take(
+            PackedStream(_spec(corpus), rank=0, world_size=1, resume=resume), len(uninterrupted) - k - 1
+        )
+        for got, want in zip(resumed, uninterrupted[k + 1 :], strict=True):
+            assert torch.equal(got["input_ids"], want["input_ids"]), k
+            assert torch.equal(got["position"], want["position"]), k
+
+
+def test_resume_on_second_rank(corpus):
+    spec = _spec(corpus)
+    full = _take(PackedStream(spec, rank=1, world_size=2), 20)
+    resume = {"consumed": 12, "cursors": {0: full[11]["position"][1:].tolist()}}
+    resumed = _take(PackedStream(spec, rank=1, world_size=2, resume=resume), 8)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, full[12:], strict=True))
+
+
+def _loader(stream) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=2)
+
+
+def test_dataloader_workers_round_robin_and_resume(corpus):
+    spec = _spec(corpus)
+    longest = max(len(_joined(docs, 0)) for docs in _kept_docs(corpus, 2))
+    n = 2 * (longest // TOKENS_PER_BATCH + 2)  # both workers pass an epoch boundary
+    full = _take(_loader(PackedStream(spec, rank=0, world_size=1)), n)
+    assert [b["position"][0].item() for b in full] == [0, 1] * (n // 2)
+    # Worker w of one rank reads shard w of 2: the same batches as ranks 0 and 1 of 2 read directly.
+    for logical in (0, 1):
+        direct = _take(PackedStream(spec, rank=logical, world_size=2), n // 2)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[logical::2], direct))
+    assert min(full[-1]["position"][1].item(), full[-2]["position"][1].item()) >= 1
+    crossing = next(i for i, b in enumerate(full) if b["position"][1].item() == 1)
+    for consumed in (1, 6, 11, crossing + 1):
+        cursors = {b["position"][0].item(): b["position"][1:].tolist() for b in full[:consumed]}
+        resume = {"consumed": consumed, "cursors": cursors}
+        resumed = _take(_loader(PackedStream(spec, rank=0, world_size=1, resume=resume)), 6)
+        for got, want in zip(resumed, full[consumed : consumed + 6], strict=True):
+            assert torch.equal(got["input_ids"], want["input_ids"]), consumed
+            assert torch.equal(got["position"], want["position"]), consumed
+
+
+# ---------------------------------------------------------------- pre-tokenized windows
+
+
+def test_window_starts_exact():
+    lengths = np.array([5, 0, 9, 3])
+    # concat: 5+1, 0+1, 9+1, 3+1 = 21 tokens -> windows at 0, 4, 8, 12, 16 (the last token is lost).
+    assert window_starts(lengths, seq_len=4, mode="concat").tolist() == [0, 4, 8, 12, 16]
+    # overflow: documents at offsets 0, 5, 5, 14 (no EOS); full chunks: one in doc 0, two in doc 2.
+    assert window_starts(lengths, seq_len=4, mode="overflow").tolist() == [0, 5, 9]
+    assert window_starts(np.array([3, 2]), seq_len=4, mode="overflow").tolist() == []
+
+
+def test_token_file_windows_equal_packed_windows(corpus, tmp_path):
+    tree, tokenizer_path = corpus
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    docs = list(open_source(str(tree), progress=False).iter_raw())
+    ids = encode_batch(tokenizer, [d["content"] for _, d in docs])
+    for mode in ("concat", "overflow"):
+        stats = build_token_file(tmp_path / mode, docs, tokenizer, mode=mode, progress=False)
+        tokens, lengths, meta = load_token_file(tmp_path / mode)
+        assert meta == stats == {"documents": 40, "tokens": sum(map(len, ids)), "dtype": "uint16"}
+        assert lengths.tolist() == [len(i) for i in ids]
+        joined = (
+            _joined(list(enumerate(ids)), tokenizer.eos_token_id) if mode == "concat" else np.concatenate(ids)
+        )
+        assert np.array_equal(np.asarray(tokens), joined)
+        starts = window_starts(lengths, seq_len=SEQ_LEN, mode=mode)
+        windows = np.stack([tokens[s : s + SEQ_LEN] for s in starts]).astype(np.int64)
+        if mode == "concat":
+            packed = concat_windows([np.asarray(i) for i in ids], SEQ_LEN, tokenizer.eos_token_id)
+        else:
+            packed = np.concatenate([overflow_chunks(np.asarray(i), SEQ_LEN) for i in ids])
+        assert np.array_equal(windows, packed)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_window_stream_epochs_use_each_window_at_most_once(world_size):
+    seq_len, batch_size = 8, 3
+    starts = window_starts(np.array([40, 0, 77, 13, 150, 99, 31]), seq_len=seq_len, mode="concat")
+    tokens = np.arange(int(starts[-1]) + seq_len, dtype=np.uint16)  # a window's first token is its start
+    assert len(starts) == 52
+    per_shard = len(starts) // world_size
+    per_epoch = per_shard // batch_size
+    seen: dict[int, list[list[int]]] = {0: [], 1: []}
+    for rank in range(world_size):
+        stream = WindowStream(
+            tokens, starts, seq_len=seq_len, batch_size=batch_size, seed=7, rank=rank, world_size=world_size
+        )
+        batches = _take(stream, 2 * per_epoch)
+        assert [b["position"][1:3].tolist() for b in batches] == [
+            [e, batch_size * (i + 1)] for e in (0, 1) for i in range(per_epoch)
+        ]
+        for b in batches:
+            x = b["input_ids"]  # (B, T)
+            assert x.dtype == torch.int64 and x.shape == (batch_size, seq_len)
+            assert torch.equal(x, x[:, :1] + torch.arange(seq_len))
+        for epoch in (0, 1):
+            first_tokens = [
+                b["input_ids"][:, 0] for b in batches[epoch * per_epoch : (epoch + 1) * per_epoch]
+            ]
+            mine = torch.cat(first_tokens).tolist()
+            assert len(mine) == per_epoch * batch_size
+            seen[epoch].append(mine)
+    for epoch in (0, 1):
+        flat = [s for mine in seen[epoch] for s in mine]
+        assert len(flat) == len(set(flat)) == world_size * per_epoch * batch_size
+        assert set(flat) <= set(starts.tolist())
+    assert seen[0][0] != seen[1][0]  # reshuffled each epoch
+
+
+def test_window_stream_resume_and_too_small():
+    seq_len = 4
+    starts = window_starts(np.array([30, 50, 17]), seq_len=seq_len, mode="concat")
+    tokens = np.arange(200, dtype=np.uint16)
+    make = functools.partial(
+        WindowStream, tokens, starts, seq_len=seq_len, batch_size=5, seed=3, rank=1, world_size=2
+    )
+    full = _take(make(), 12)  # 25 windows per shard -> 5 batches per epoch: crosses two epoch boundaries
+    for k in (0, 3, 4, 5, 8):
+        resume = {"consumed": k + 1, "cursors": {0: full[k]["position"][1:].tolist()}}
+        resumed = _take(make(resume=resume), 12 - k - 1)
+        for got, want in zip(resumed, full[k + 1 :], strict=True):
+            assert torch.equal(got["input_ids"], want["input_ids"]), k
+            assert torch.equal(got["position"], want["position"]), k
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        next(iter(WindowStream(tokens, starts[:9], seq_len=4, batch_size=5, seed=0, rank=0, world_size=2)))
+
+
+def test_ensure_token_file_cache_keys_and_partial_builds(corpus, tmp_path):
+    tree, tokenizer_path = corpus
+    docs = list(open_source(str(tree), progress=False).iter_raw())[:12]
+    texts = [d["content"] for _, d in docs]
+    first = AutoTokenizer.from_pretrained(tokenizer_path)
+    second = train_bpe_tokenizer(texts, vocab_size=270, progress=False)
+    builds = []
+
+    def make_docs():
+        builds.append(1)
+        return iter(docs)
+
+    folders = []
+    for tokenizer in (first, second, first):
+        key = {"source": "tree", "tokenizer": tokenizer_fingerprint(tokenizer), "packing": "concat"}
+        folders.append(ensure_token_file(tmp_path, key, make_docs, tokenizer, mode="concat", progress=False))
+    assert folders[0] != folders[1] and folders[2] == folders[0]
+    assert len(builds) == 2  # the third call reused the first cache
+    assert json.loads((folders[1] / "key.json").read_text())["tokenizer"] == tokenizer_fingerprint(second)
+    for folder, tokenizer in ((folders[0], first), (folders[1], second)):
+        tokens, lengths, _ = load_token_file(folder)
+        ids = encode_batch(tokenizer, texts)
+        assert np.array_equal(np.asarray(tokens), _joined(list(enumerate(ids)), tokenizer.eos_token_id))
+    # An interrupted build (metadata written, tokens.bin never renamed into place) is built again.
+    key = {"source": "tree", "tokenizer": tokenizer_fingerprint(first), "packing": "concat"}
+    (folders[0] / "tokens.bin").rename(folders[0] / "tokens.bin.tmp123")
+    assert ensure_token_file(tmp_path, key, make_docs, first, mode="concat", progress=False) == folders[0]
+    assert len(builds) == 3
+    tokens, _, _ = load_token_file(folders[0])
+    expected = _joined(list(enumerate(encode_batch(first, texts))), first.eos_token_id)
+    assert np.array_equal(np.asarray(tokens), expected)
+
+
+def test_is_heldout_is_stable_and_near_the_fraction():
+    paths = [f"/repo/pkg{i // 100}/module_{i}.py" for i in range(10_000)]
+    held = [is_heldout({"path": p}, 0.05) for p in paths]
+    assert held == [path_is_heldout(p, 0.05) for p in paths]  # the same answer every time
+    assert abs(sum(held) / len(paths) - 0.05) <= 0.01
+    wider = [path_is_heldout(p, 0.2) for p in paths]
+    assert abs(sum(wider) / len(paths) - 0.2) <= 0.01
+    assert all(w for h, w in zip(held, wider) if h)  # a larger fraction only adds documents
+    assert not any(path_is_heldout(p, 0.0) for p in paths[:100])
+    assert all(path_is_heldout(p, 1.0) for p in paths[:100])
