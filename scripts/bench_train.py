@@ -4,7 +4,7 @@ Both sides train the same GPT-2 (same initial weights) on the same packed window
 (tokenized by a BPE tokenizer trained here), in the same order, with the same AdamW, warmup + cosine schedule,
 gradient clipping and accumulation. Prints JSON lines on stdout, progress on stderr.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_train.py                       # tiny GPT-2 on CPU, ~1-2 minutes
+    HF_HUB_OFFLINE=1 python scripts/bench_train.py                       # tiny GPT-2 on CPU: ~2 min on 2 idle cores
     HF_HUB_OFFLINE=1 python scripts/bench_train.py --device cuda --precision bf16-mixed --gpt2-124m   # + MFU
 
 Timing: each side stamps the wall clock when an optimizer step has finished (Lightning: ``on_train_batch_end``

@@ -151,3 +151,42 @@ class RecipeReport(pl.Callback):
         ):
             lines += [f"--- completion of {prompt!r}:", prompt + completions[0]]
         return lines
+
+
+class PushToHub(pl.Callback):
+    """Export the model and upload it to a Hub repo every N optimizer steps (the course's push at each save)."""
+
+    def __init__(
+        self,
+        *,
+        repo_id: str,
+        every_n_train_steps: int = 5000,
+        staging_dir: str = "runs/hub-staging",
+        private: bool = True,
+    ):
+        """
+        Args:
+            repo_id: Hub model repo (``user/name``), created if missing.
+            every_n_train_steps: optimizer steps between uploads (match ModelCheckpoint's).
+            staging_dir: local folder the export is written to before each upload.
+            private: create the repo as private.
+        """
+        self.repo_id, self.every = repo_id, every_n_train_steps
+        self.staging_dir, self.private = Path(staging_dir), private
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every or trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        from lmrecipes.export import model_card, push_folder, record_class, save_hf_folder
+
+        checkpoint = {
+            "global_step": step,
+            "epoch": trainer.current_epoch,
+            "hyper_parameters": dict(pl_module.hparams),
+        }
+        record_class(pl_module, checkpoint)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        save_hf_folder(pl_module, self.staging_dir, card=model_card(checkpoint))
+        push_folder(self.staging_dir, self.repo_id, private=self.private, message=f"step {step}")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from lmrecipes.data.filters import FilterPipeline
 from lmrecipes.data.packing import check_mode, iter_windows
@@ -239,11 +240,13 @@ class CodeDataModule(pl.LightningDataModule):
             raw = source.iter_raw(select_path=functools.partial(path_is_heldout, fraction=heldout))
         else:
             raw = source.iter_raw()
-        for _, doc in raw:
-            if (h.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
-                docs.append((len(docs), doc))
-                if len(docs) >= h.val_max_docs:
-                    break
+        with tqdm(desc="validation documents", total=h.val_max_docs, disable=not h.progress) as bar:
+            for _, doc in raw:
+                if (h.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
+                    docs.append((len(docs), doc))
+                    bar.update()
+                    if len(docs) >= h.val_max_docs:
+                        break
         ids = tokenize_groups(docs, self.tokenizer)
         windows = [
             w for w, _ in iter_windows(ids, seq_len=h.seq_len, eos_id=self.eos_token_id, mode=h.packing)

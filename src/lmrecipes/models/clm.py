@@ -153,7 +153,6 @@ class CausalLM(pl.LightningModule):
         logits = self(input_ids)  # (B, T, V)
         loss = self._loss(input_ids, logits)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(input_ids.numel() * self.trainer.world_size), reduce_fx="sum")
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
