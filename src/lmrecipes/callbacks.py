@@ -173,12 +173,14 @@ class PushToHub(pl.Callback):
         """
         self.repo_id, self.every = repo_id, every_n_train_steps
         self.staging_dir, self.private = Path(staging_dir), private
+        self._last_pushed = -1
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every or trainer.fit_loop.epoch_loop._should_accumulate():
+        if step == 0 or step % self.every or step == self._last_pushed:  # micro-batches share a step
             return
+        self._last_pushed = step
         from lmrecipes.export import model_card, push_folder, record_class, save_hf_folder
 
         checkpoint = {
