@@ -19,23 +19,6 @@ TINY_MODEL = (
 )
 
 
-@pytest.fixture(scope="module")
-def code_tree(tmp_path_factory) -> Path:
-    """~80 real stdlib modules, some prefixed with a data-science import so the course's filter keeps them."""
-    root = tmp_path_factory.mktemp("code")
-    stdlib = Path(json.__file__).parent.parent
-    files = [
-        f
-        for pkg in ("json", "email", "unittest", "logging", "http")
-        for f in sorted((stdlib / pkg).glob("*.py"))
-    ]
-    for i, src in enumerate(files):
-        text = src.read_text(encoding="utf-8")
-        prefix = "import pandas as pd\nimport matplotlib.pyplot as plt\n" if i % 4 else ""
-        (root / f"m{i:03d}_{src.name}").write_text(prefix + text, encoding="utf-8")
-    return root
-
-
 def fit_args(tree: Path, run: Path, *extra: str) -> list[str]:
     """The offline config, pointed at the tiny corpus and scaled to seconds; paths under ``run``."""
     return [
