@@ -233,3 +233,42 @@ def test_overfit_one_batch_loss_falls():
     trainer.fit(model, train_dataloaders=loader)
     assert losses[0] > 4.0  # ~ln(64) at init
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--data.init_args.tokenizer",
+        str(tmp_path / "tok"),
+        "--data.init_args.pretokenize",
+        "true",
+        "--data.init_args.packing",
+        "overflow",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.max_steps",
+        "3",
+    ]
+    main(fit_args(code_tree, tmp_path, *args))
+    caches = list((tmp_path / ".cache/lmrecipes").glob("*/tokens.bin"))
+    assert len(caches) == 1
+    built = caches[0].stat().st_mtime_ns
+    main(fit_args(code_tree, tmp_path, *args, "--trainer.max_steps", "5", "--ckpt_path", "last"))
+    assert caches[0].stat().st_mtime_ns == built  # reused, not rebuilt
+    assert (
+        torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    )
+    main(
+        fit_args(
+            code_tree,
+            tmp_path,
+            *args,
+            "--model.init_args.activation_checkpointing",
+            "true",
+            "--data.init_args.packing",
+            "concat",
+            "--trainer.max_steps",
+            "2",
+        )
+    )
+    assert len(list((tmp_path / ".cache/lmrecipes").glob("*/tokens.bin"))) == 2  # packing changed: new cache

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
@@ -256,6 +257,10 @@ class CodeDataModule(pl.LightningDataModule):
                 f"no validation sequence of {h.seq_len} tokens could be built from {len(docs)} documents "
                 f"({filters.summary()}); check data.val_source/heldout_fraction, the filters, or lower seq_len"
             )
+        rank_zero_info(
+            f"validation: {len(windows)} sequences of {h.seq_len} tokens from {len(docs)} documents "
+            f"({filters.summary()})"
+        )
         rank, world = self._rank_world()
         mine = torch.from_numpy(np.stack(windows[rank::world]))  # (N, T)
         size = h.val_batch_size or h.batch_size
@@ -278,8 +283,13 @@ class CodeDataModule(pl.LightningDataModule):
                 mode=h.packing,
                 progress=h.progress,
             )
-            tokens, lengths, _ = load_token_file(folder)
+            tokens, lengths, meta = load_token_file(folder)
             starts = window_starts(lengths, seq_len=h.seq_len, mode=h.packing)
+            packed = len(starts) * h.seq_len / max(1, len(tokens))
+            rank_zero_info(
+                f"pre-tokenized cache {folder}: {meta['documents']:,} documents, {meta['tokens']:,} "
+                f"tokens, {len(starts):,} sequences ({packed:.2%} of the token file packed)"
+            )
             dataset = WindowStream(
                 tokens,
                 starts,

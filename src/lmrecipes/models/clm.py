@@ -107,7 +107,7 @@ class CausalLM(pl.LightningModule):
         self._check_fits(vocab_size, seq_len)
         self.register_buffer("keytoken_ids", self._keytoken_ids(), persistent=False)
         if activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
         if compile:
             self.model = torch.compile(self.model)
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
