@@ -128,6 +128,7 @@ class CodeDataModule(pl.LightningDataModule):
         self._cursors: dict[int, list[int]] = {}
         self._stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
+        self._fingerprint: str | None = None
 
     # values linked into the model by the CLI
     @property
