@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
-import lightning.pytorch as pl
 import torch
-from torchmetrics import SumMetric
 
 from lmrecipes.losses import causal_lm_loss, causal_lm_loss_sum, keytoken_weighted_loss
-from lmrecipes.optim import build_optimizer, sync_scheduler_lr
+from lmrecipes.models.base import RecipeModule
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
 
@@ -40,7 +36,7 @@ def load_pretrained(path: str):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(RecipeModule):
     """GPT-2-style causal LM; logs ``train/loss``, ``val/loss``, ``val/ppl`` (token-weighted over batches and ranks)."""
 
     def __init__(
@@ -110,7 +106,6 @@ class CausalLM(pl.LightningModule):
             self.model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
         if compile:
             self.model = torch.compile(self.model)
-        self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self.flops_per_batch: int | None = None  # set by the throughput callback
 
     def _check_fits(self, vocab_size: int, seq_len: int) -> None:
@@ -157,48 +152,6 @@ class CausalLM(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         input_ids = batch["input_ids"]  # (B, T)
-        total, count = causal_lm_loss_sum(self(input_ids), input_ids)
-        self.val_loss_sum.update(total)
-        self.val_tokens.update(count)
-
-    def on_validation_epoch_end(self) -> None:
-        # Synced sums over every batch of every rank: the token-weighted mean, not a mean of batch means.
-        loss = (self.val_loss_sum.compute() / self.val_tokens.compute().clamp(min=1)).item()
-        self.val_loss_sum.reset()
-        self.val_tokens.reset()
-        self.log_dict(
-            {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True, rank_zero_only=False
-        )
-
-    def on_train_start(self) -> None:
-        for config in self.trainer.lr_scheduler_configs:
-            sync_scheduler_lr(config.scheduler)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from lmrecipes.export import record_class
-
-        record_class(self, checkpoint)
+        self.update_eval_loss(*causal_lm_loss_sum(self(input_ids), input_ids))
 
     test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
-
-    def configure_optimizers(self):
-        h = self.hparams
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            raise ValueError(
-                "the learning-rate schedule needs the number of optimizer steps: set trainer.max_steps "
-                f"(streamed data has no length; Lightning estimated {total})"
-            )
-        optimizer, scheduler = build_optimizer(
-            self.model,
-            lr=h.lr,
-            weight_decay=h.weight_decay,
-            betas=tuple(h.betas),
-            eps=h.eps,
-            schedule=h.lr_schedule,
-            warmup_steps=h.warmup_steps,
-            total_steps=int(total),
-            min_lr_ratio=h.min_lr_ratio,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
