@@ -62,16 +62,14 @@ class DataStats(pl.Callback):
 @torch.no_grad()
 def evaluate_loss(pl_module: pl.LightningModule, dataloader, max_batches: int | None = None) -> float:
     """Token-weighted mean validation loss over (the first ``max_batches`` of) ``dataloader`` on this rank."""
-    from lmrecipes.losses import causal_lm_loss_sum
-
     was_training = pl_module.training
     pl_module.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
     for i, batch in enumerate(dataloader):
         if max_batches is not None and i >= max_batches:
             break
-        input_ids = batch["input_ids"].to(pl_module.device)
-        loss_sum, n = causal_lm_loss_sum(pl_module(input_ids), input_ids)
+        batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+        loss_sum, n = pl_module.eval_loss_sum(batch)
         total += loss_sum.double().cpu()
         count += int(n)
     pl_module.train(was_training)
@@ -133,7 +131,7 @@ class RecipeReport(pl.Callback):
         return limit if isinstance(limit, int) else None
 
     def _export_and_sample(self, trainer, pl_module) -> list[str]:
-        from lmrecipes.export import generate, model_card, record_class, save_hf_folder
+        from lmrecipes.export import fill_mask, generate, model_card, record_class, save_hf_folder
 
         out = Path(self.export_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +144,12 @@ class RecipeReport(pl.Callback):
         record_class(pl_module, checkpoint)
         save_hf_folder(pl_module, out, card=model_card(checkpoint))
         lines = [f"exported the model to {out}"]
+        if getattr(pl_module, "pipeline_task", "text-generation") == "fill-mask":
+            for prompt, predictions in zip(self.prompts, fill_mask(str(out), self.prompts)):
+                lines += [f"--- {prompt!r}:"] + [
+                    f"{p['token_str']!r:>16}  {p['score']:.3f}" for p in predictions
+                ]
+            return lines
         for prompt, completions in zip(
             self.prompts, generate(str(out), self.prompts, max_new_tokens=self.max_new_tokens)
         ):

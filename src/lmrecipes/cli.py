@@ -5,6 +5,7 @@
     lmrecipes tokenizer --source python-install --out tok --vocab_size 8192
     lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
     lmrecipes generate exported/ --prompt "import pandas as pd"
+    lmrecipes fill-mask exported-mlm/ "This is a great [MASK]."
 
 Add ``--quiet`` anywhere to turn off progress bars (CI logs).
 """
@@ -112,10 +113,15 @@ def run_function(function, args: list[str]) -> None:
 
 
 def extra_commands() -> dict:
-    from lmrecipes.export import export_command, generate_command
+    from lmrecipes.export import export_command, fill_mask_command, generate_command
     from lmrecipes.tokenizers import tokenizer_command
 
-    return {"tokenizer": tokenizer_command, "export": export_command, "generate": generate_command}
+    return {
+        "tokenizer": tokenizer_command,
+        "export": export_command,
+        "generate": generate_command,
+        "fill-mask": fill_mask_command,
+    }
 
 
 def quiet(args: list[str]) -> list[str]:
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(
         "TOKENIZERS_PARALLELISM", "false"
     )  # DataLoader workers fork after the tokenizer ran
-    commands = extra_commands() if args and args[0] in ("tokenizer", "export", "generate") else {}
+    commands = (
+        extra_commands() if args and args[0] in ("tokenizer", "export", "generate", "fill-mask") else {}
+    )
     if commands:
         run_function(commands[args[0]], args[1:])
     else:

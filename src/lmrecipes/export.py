@@ -203,3 +203,53 @@ def generate_command(
             for c in completions:
                 print(f"{p}{c}\n{'-' * 40}")
     return results
+
+
+def fill_mask(model_dir: str, texts: list[str], *, top_k: int = 5) -> list[list[dict]]:
+    """Top-k predictions for the mask token in each text (``[MASK]`` is replaced by the model's own mask token)."""
+    from transformers import pipeline
+
+    filler = pipeline(
+        "fill-mask", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0, top_k=top_k
+    )
+    mask = filler.tokenizer.mask_token
+    results = []
+    for text in texts:
+        text = text.replace("[MASK]", mask)
+        if mask not in text:
+            raise ValueError(f"{text!r} has no {mask} token to fill")
+        predictions = filler(text)
+        results.append(predictions if isinstance(predictions[0], dict) else predictions[0])
+    return results
+
+
+def fill_mask_command(
+    model: str, text: str, *, more: list[str] | None = None, top_k: int = 5, json_out: bool = False
+) -> list[list[dict]]:
+    """Print the top-k completions of ``[MASK]`` in a text with an exported masked-LM folder.
+
+    Args:
+        model: exported folder (or any masked-LM folder with a tokenizer).
+        text: a text containing ``[MASK]``, e.g. "This is a great [MASK]."
+        more: further texts.
+        top_k: predictions per text.
+        json_out: print JSON instead of a table.
+    """
+    text = [text, *(more or [])]
+    results = fill_mask(model, text, top_k=top_k)
+    if json_out:
+        print(
+            json.dumps(
+                [
+                    {"text": t, "predictions": [{"token": p["token_str"], "score": p["score"]} for p in r]}
+                    for t, r in zip(text, results)
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for t, predictions in zip(text, results):
+            print(t)
+            for p in predictions:
+                print(f"  {p['score']:.3f}  {p['sequence']}")
+    return results

@@ -166,3 +166,28 @@ def iter_windows(
         packer.add(raw_index, ids, skip=skip)
         while len(window := packer.windows(limit=1)):
             yield window[0], packer.cursor()
+
+
+def chunk_with_word_ids(
+    ids: Iterable[Iterable[int]], word_ids: Iterable[Iterable[int | None]], chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The course's ``group_texts`` for masked LM: concatenate documents and cut ``chunk_size`` chunks, dropping
+    the final remainder, with word ids carried along.
+
+    Word ids are made unique across documents (each document's ids are offset by the number of words before it),
+    so whole-word masking never joins the last word of one document with the first word of the next. Tokens
+    without a word (special tokens: ``None``) get -1. Returns (input_ids, word_ids), each (n_chunks, chunk_size).
+    """
+    id_parts, word_parts, offset = [], [], 0
+    for doc_ids, doc_words in zip(ids, word_ids):
+        words = np.array([-1 if w is None else w for w in doc_words], dtype=np.int64)
+        if len(words) != len(doc_ids):
+            raise ValueError(f"a document has {len(doc_ids)} tokens but {len(words)} word ids")
+        id_parts.append(np.asarray(doc_ids, dtype=np.int64))
+        word_parts.append(np.where(words >= 0, words + offset, -1))
+        offset += int(words.max()) + 1 if (words >= 0).any() else 0
+    if not id_parts:
+        return np.zeros((0, chunk_size), np.int64), np.zeros((0, chunk_size), np.int64)
+    all_ids, all_words = np.concatenate(id_parts), np.concatenate(word_parts)
+    n = len(all_ids) // chunk_size * chunk_size
+    return all_ids[:n].reshape(-1, chunk_size), all_words[:n].reshape(-1, chunk_size)

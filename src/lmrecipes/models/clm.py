@@ -39,6 +39,8 @@ def load_pretrained(path: str):
 class CausalLM(RecipeModule):
     """GPT-2-style causal LM; logs ``train/loss``, ``val/loss``, ``val/ppl`` (token-weighted over batches and ranks)."""
 
+    pipeline_task = "text-generation"
+
     def __init__(
         self,
         *,
@@ -150,8 +152,11 @@ class CausalLM(RecipeModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
-        self.update_eval_loss(*causal_lm_loss_sum(self(input_ids), input_ids))
+        return causal_lm_loss_sum(self(input_ids), input_ids)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_eval_loss(*self.eval_loss_sum(batch))
 
     test_step = validation_step

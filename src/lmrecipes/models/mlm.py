@@ -1,0 +1,93 @@
+"""The masked-LM LightningModule: domain adaptation of a pretrained encoder (or MLM from scratch)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmrecipes.losses import IGNORE_INDEX
+from lmrecipes.models.base import RecipeModule
+from lmrecipes.paths import resolve_pretrained
+
+
+def masked_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over masked positions, number of masked positions); labels -100 elsewhere, no shift."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def build_masked_lm(*, pretrained: str | None, config: dict | None, vocab_size: int):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+    if pretrained:
+        return AutoModelForMaskedLM.from_pretrained(resolve_pretrained(pretrained))
+    return BertForMaskedLM(BertConfig(**{**(config or {}), "vocab_size": vocab_size}))
+
+
+class MaskedLM(RecipeModule):
+    """Masked LM (BERT/DistilBERT/MiniLM...); logs ``train/loss``, ``val/loss`` and ``val/ppl`` over masked tokens."""
+
+    pipeline_task = "fill-mask"
+
+    def __init__(
+        self,
+        *,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        vocab_size: int = 30522,
+        seq_len: int = 128,
+        tokenizer_path: str | None = None,
+        lr: float = 2e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_schedule: str = "linear",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+    ):
+        """
+        Args:
+            pretrained: folder, Hub id or ``package://module/folder`` of a masked-LM (or encoder) checkpoint; a
+                checkpoint without an MLM head (a sentence encoder) gets a freshly initialised head.
+            config: ``BertConfig`` keys for an MLM trained from scratch (when ``pretrained`` is None).
+            vocab_size: linked from the tokenizer.
+            seq_len: linked from the data (``chunk_size``); must fit the model's position embeddings.
+            tokenizer_path: linked from the data; exported with the model.
+            lr: peak learning rate (the course: 2e-5).
+            weight_decay: AdamW decay (the course: 0.01), not applied to biases and norm weights.
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            lr_schedule: ``linear`` (the Trainer's default), ``cosine`` or ``constant``.
+            warmup_steps: warmup in optimizer steps.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_masked_lm(pretrained=pretrained, config=config, vocab_size=vocab_size)
+        cfg = self.model.config
+        if vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model's vocabulary has {cfg.vocab_size}"
+            )
+        if seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"data.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
+            )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits  # (B, T, V)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, count = masked_lm_loss_sum(self(batch["input_ids"]), batch["labels"])
+        loss = total / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return masked_lm_loss_sum(self(batch["input_ids"]), batch["labels"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_eval_loss(*self.eval_loss_sum(batch))
+
+    test_step = validation_step
