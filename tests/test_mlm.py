@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -11,73 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmrecipes.cli import main
 from lmrecipes.data.packing import chunk_with_word_ids
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = str(REPO / "configs" / "mlm" / "offline.yaml")
-
-
-def stdlib_docstrings() -> list[dict]:
-    """One record per stdlib module: its docstrings joined (real English text about code)."""
-    import collections
-    import email.message
-    import json as json_module
-    import logging
-    import pathlib
-    import unittest
-
-    records = []
-    for module in (
-        collections,
-        email.message,
-        json_module,
-        logging,
-        pathlib,
-        unittest,
-        inspect,
-        os,
-        subprocess,
-    ):
-        members = [getattr(module, n) for n in dir(module) if not n.startswith("_")]
-        docs = [inspect.getdoc(m) for m in members if callable(m) and inspect.getdoc(m)]
-        for k in range(0, len(docs), 6):  # several documents per module
-            records.append({"content": "\n\n".join(docs[k : k + 6]), "path": f"{module.__name__}#{k}"})
-    return records
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> tuple[Path, Path]:
-    """(model folder, corpus jsonl): a 2-layer BERT with a WordPiece vocabulary trained on the corpus."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny_bert")
-    records = stdlib_docstrings()
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        (r["content"] for r in records), trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials)
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    tok.decoder = decoders.WordPiece()
-    fast = BertTokenizerFast(tokenizer_object=tok, model_max_length=64)
-    model_dir = root / "model"
-    fast.save_pretrained(model_dir)
-    config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    BertForMaskedLM(config).save_pretrained(model_dir)
-    return model_dir, corpus
 
 
 def mlm_args(tiny_bert, *extra: str) -> list[str]:

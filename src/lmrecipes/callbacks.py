@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
@@ -196,3 +196,52 @@ class PushToHub(pl.Callback):
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         save_hf_folder(pl_module, self.staging_dir, card=model_card(checkpoint))
         push_folder(self.staging_dir, self.repo_id, private=self.private, message=f"step {step}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """``lmrecipes predict`` output: one row per input, in input order — id, predicted label name, probabilities.
+
+    Each rank predicts its share; rank 0 gathers, orders by row and writes ``.jsonl`` or ``.csv`` (by suffix),
+    through a temporary file so an interrupted run never leaves a truncated file behind.
+    """
+
+    def __init__(self, *, output: str = "predictions.jsonl"):
+        """
+        Args:
+            output: file to write, ``.jsonl`` or ``.csv``.
+        """
+        super().__init__(write_interval="epoch")
+        if not output.endswith((".jsonl", ".csv")):
+            raise ValueError(f"PredictionWriter output={output!r} must end in .jsonl or .csv")
+        self.output = Path(output)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = {int(i): p.tolist() for batch in predictions for i, p in zip(batch["index"], batch["probs"])}
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = {k: v for part in gathered for k, v in part.items()}
+        if trainer.is_global_zero:
+            self._write(rows, trainer.datamodule.prediction_ids(), pl_module.hparams.label_names)
+
+    def _write(self, rows: dict[int, list[float]], ids: list, names: list[str]) -> None:
+        import csv
+        import json
+
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.output.with_name(self.output.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f) if self.output.suffix == ".csv" else None
+            if writer:
+                writer.writerow(["id", "label", *[f"prob_{n}" for n in names]])
+            for i in sorted(rows):
+                probs = rows[i]
+                label = names[max(range(len(probs)), key=probs.__getitem__)]
+                if writer:
+                    writer.writerow([ids[i], label, *[f"{p:.6f}" for p in probs]])
+                else:
+                    f.write(
+                        json.dumps({"id": ids[i], "label": label, "probs": dict(zip(names, probs))}) + "\n"
+                    )
+        tmp.replace(self.output)
+        rank_zero_info(f"wrote {len(rows):,} predictions to {self.output}")

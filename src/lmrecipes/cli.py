@@ -26,6 +26,8 @@ DATA_TO_MODEL = {
     "eos_token_id": "eos_token_id",
     "seq_len": "seq_len",
     "tokenizer_path": "tokenizer_path",
+    "num_labels": "num_labels",
+    "label_names": "label_names",
 }
 
 

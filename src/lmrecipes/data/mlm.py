@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lmrecipes.data.clm import BatchList
+from lmrecipes.data.docstrings import DocstringSource
 from lmrecipes.data.filters import FilterPipeline
 from lmrecipes.data.masking import (
     batch_generator,
@@ -144,7 +145,9 @@ class MaskedTextDataModule(pl.LightningDataModule):
                              on_error=h.on_error, progress=h.progress)  # fmt: skip
         heldout = 0.0 if h.val_source is not None else h.heldout_fraction
         want_heldout = split == "val"
-        if isinstance(source, SourceTree) and heldout:  # decide by path before reading the file
+        if (
+            isinstance(source, (SourceTree, DocstringSource)) and heldout
+        ):  # decide by path before reading the file
             select = functools.partial(path_is_heldout, fraction=heldout)
             raw = source.iter_raw(select_path=select if want_heldout else lambda p: not select(p))
         else:

@@ -345,10 +345,16 @@ def open_source(
     on_error: str = "error",
     progress: bool = True,
 ) -> DocumentSource:
-    """Build the source that ``spec`` names: 'python-install', directories, file paths/globs or a Hub id."""
+    """Build the source that ``spec`` names: 'python-install', 'python-docstrings', 'docstrings:<dir>[,<dir>]',
+    directories, file paths/globs or a Hub id."""
     _check_policy(on_error)
     if spec == "python-install":
         return SourceTree(roots=python_install_roots(), pattern=pattern, on_error=on_error, progress=progress)
+    if spec == "python-docstrings" or spec.startswith("docstrings:"):
+        from lmrecipes.data.docstrings import DocstringSource  # it builds on this module
+
+        roots = python_install_roots() if spec == "python-docstrings" else spec.split(":", 1)[1].split(",")
+        return DocstringSource(roots=roots, on_error=on_error, progress=progress)
     parts = [part.strip() for part in spec.split(",") if part.strip()]
     kinds = {_kind_of(part) for part in parts}
     if len(kinds) != 1:

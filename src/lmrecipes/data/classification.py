@@ -1,0 +1,260 @@
+"""The sequence(-pair) classification DataModule: labelled texts -> tokenized examples -> dynamically padded batches."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lmrecipes.data.sources import open_source
+from lmrecipes.losses import IGNORE_INDEX
+from lmrecipes.paths import resolve_pretrained
+
+SPLITS = ("train", "validation", "test", "predict")
+
+
+class Examples(Dataset):
+    """Tokenized examples as dicts of lists; ``index`` is the row's position in its split (for ordered predictions)."""
+
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+class ShardSampler(DistributedSampler):
+    """Rows ``rank::world`` in order, without the padding duplicates of DistributedSampler, so validation metrics
+    and predictions count every row exactly once. Subclassing DistributedSampler keeps Lightning from re-wrapping."""
+
+    def __init__(self, dataset: Dataset, *, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """One or two text columns and a label column from any source (HF course ch.3: GLUE MRPC)."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer: str,
+        train_source: str,
+        val_source: str | None = None,
+        test_source: str | None = None,
+        predict_source: str | None = None,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        predict_split: str = "test",
+        text_column: str = "sentence1",
+        text_pair_column: str | None = "sentence2",
+        label_column: str = "label",
+        id_column: str | None = None,
+        label_names: list[str] | None = None,
+        max_length: int = 128,
+        pad_to_max_length: bool = False,
+        pad_to_multiple_of: int | None = None,
+        group_by_length: bool = False,
+        max_examples: int | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        streaming: bool = False,
+        on_error: str = "error",
+        progress: bool = True,
+    ):
+        """
+        Args:
+            tokenizer: tokenizer folder, Hub id or ``package://module/folder`` (the model's).
+            train_source: Hub dataset id (``glue`` with ``dataset_config: mrpc``), local files, or
+                ``python-function-pairs`` (docstring/function pairs from this interpreter's Python files).
+            val_source: validation source (default: ``train_source`` with ``val_split``).
+            test_source: test source (default: ``train_source`` with ``test_split``).
+            predict_source: rows to predict (default: the test source).
+            dataset_config: Hub dataset configuration (``mrpc``).
+            train_split: split names, per source.
+            val_split: validation split name.
+            test_split: test split name.
+            predict_split: predict split name.
+            text_column: first text column.
+            text_pair_column: second text column for pair tasks; None for single sentences.
+            label_column: integer or string labels.
+            id_column: column copied into predictions as ``id`` (default: the row number).
+            label_names: class names in id order; default: ``["0", "1", ...]`` for integer labels or the sorted
+                distinct strings of the training labels.
+            max_length: truncate (pairs: longest first) to this many tokens.
+            pad_to_max_length: pad every batch to ``max_length`` (static shapes for TPUs / compilation).
+            pad_to_multiple_of: pad dynamic batches to a multiple of this (8 suits tensor cores under mixed precision).
+            group_by_length: batch examples of similar length together (less padding, faster; still shuffled).
+            max_examples: read at most this many rows per split.
+            batch_size: examples per batch per device (the course: 8).
+            val_batch_size: evaluation batch size (default ``batch_size``).
+            num_workers: DataLoader workers.
+            streaming: stream Hub datasets.
+            on_error: ``error`` or ``skip`` bad records.
+            progress: progress bars.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if text_pair_column is not None and text_pair_column == text_column:
+            raise ValueError(
+                f"data.text_pair_column={text_pair_column!r} is the same column as data.text_column"
+            )
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer))
+        self._rows: dict[str, list[dict]] = {}
+        self._label_names = list(label_names) if label_names else None
+        self._data: dict[str, Examples] = {}
+
+    # values linked into the model by the CLI
+    @property
+    def tokenizer_path(self) -> str:
+        return resolve_pretrained(self.hparams.tokenizer)
+
+    @property
+    def label_names(self) -> list[str]:
+        if self._label_names is None:
+            self._label_names = self._infer_label_names(self._read("train"))
+        return self._label_names
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def _source_args(self, split: str) -> tuple[str, str]:
+        h = self.hparams
+        sources = {"train": h.train_source, "validation": h.val_source, "test": h.test_source,
+                   "predict": h.predict_source or h.test_source}  # fmt: skip
+        splits = {"train": h.train_split, "validation": h.val_split, "test": h.test_split,
+                  "predict": h.predict_split if h.predict_source else h.test_split}  # fmt: skip
+        return sources[split] or h.train_source, splits[split]
+
+    def _read(self, split: str) -> list[dict]:
+        """Raw rows of a split (cached), with the text, pair and label columns checked."""
+        if split in self._rows:
+            return self._rows[split]
+        h = self.hparams
+        spec, name = self._source_args(split)
+        source = open_source(spec, text_column=h.text_column, split=name, streaming=h.streaming,
+                             config_name=h.dataset_config, on_error=h.on_error, progress=h.progress)  # fmt: skip
+        rows = []
+        for _, doc in source.iter_raw():
+            if h.text_pair_column is not None and h.text_pair_column not in doc:
+                raise ValueError(f"{spec} [{name}] has no column {h.text_pair_column!r} (data.text_pair_column); "
+                                 f"columns: {sorted(doc)}")  # fmt: skip
+            rows.append(doc)
+            if h.max_examples is not None and len(rows) >= h.max_examples:
+                break
+        if not rows:
+            raise ValueError(f"the {split} split of {spec!r} ({name!r}) is empty")
+        self._rows[split] = rows
+        return rows
+
+    def _infer_label_names(self, rows: list[dict]) -> list[str]:
+        labels = [r.get(self.hparams.label_column) for r in rows]
+        if any(v is None for v in labels):
+            raise ValueError(f"training rows lack the label column {self.hparams.label_column!r}")
+        if all(isinstance(v, int) for v in labels):
+            return [str(i) for i in range(max(labels) + 1)]
+        return sorted({str(v) for v in labels})
+
+    def _label_id(self, value, *, split: str, row: int) -> int:
+        """Integer label of a row, checked against the label set; -100 means "no label" and is kept."""
+        names = self.label_names
+        if isinstance(value, bool) or value is None:
+            raise ValueError(f"{split} row {row}: label {value!r} is not an integer or a label name")
+        if isinstance(value, int):
+            if value == IGNORE_INDEX or 0 <= value < len(names):
+                return value
+            raise ValueError(
+                f"{split} row {row}: label {value} is outside [0, {len(names)}) (labels: {names})"
+            )
+        if str(value) not in names:
+            raise ValueError(f"{split} row {row}: unknown label {value!r}; known labels: {names}")
+        return names.index(str(value))
+
+    def _tokenize(self, split: str) -> Examples:
+        h = self.hparams
+        rows = self._read(split)
+        pairs = [r[h.text_pair_column] for r in rows] if h.text_pair_column else None
+        encoded = self.tokenizer(
+            [r["content"] for r in rows], pairs, truncation=True, max_length=h.max_length
+        )
+        features = []
+        for i, row in enumerate(rows):
+            feature = {key: encoded[key][i] for key in encoded}
+            feature["index"] = i
+            if row.get(h.label_column) not in (None, -1):  # GLUE test splits carry -1: unlabelled
+                feature["labels"] = self._label_id(row[h.label_column], split=split, row=i)
+            features.append(feature)
+        labelled = sum("labels" in f for f in features)
+        if 0 < labelled < len(features):
+            raise ValueError(
+                f"the {split} split has {len(features) - labelled} unlabelled rows among labelled ones"
+            )
+        if split != "predict" and labelled == 0:
+            raise ValueError(f"the {split} split has no labels in column {h.label_column!r}")
+        rank_zero_info(f"{split}: {len(features):,} examples")
+        return Examples(features)
+
+    def setup(self, stage: str) -> None:
+        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
+                  "predict": ("predict",)}[stage]  # fmt: skip
+        for split in wanted:
+            if split not in self._data:
+                self._data[split] = self._tokenize(split)
+
+    def collate(self, features: list[dict]) -> dict:
+        """Dynamic padding (to the batch's longest, or a multiple of ``pad_to_multiple_of``), or fixed length."""
+        from transformers import DataCollatorWithPadding
+
+        h = self.hparams
+        padding = "max_length" if h.pad_to_max_length else "longest"
+        collator = DataCollatorWithPadding(self.tokenizer, padding=padding, max_length=h.max_length,
+                                           pad_to_multiple_of=h.pad_to_multiple_of)  # fmt: skip
+        return collator(features)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        data = self._data[split]
+        return DataLoader(data, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                          sampler=ShardSampler(data, rank=rank, world_size=world), collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        data = self._data["train"]
+        sampler = None
+        if h.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            lengths = [len(f["input_ids"]) for f in data.features]
+            sampler = LengthGroupedSampler(h.batch_size, lengths=lengths)
+        return DataLoader(data, batch_size=h.batch_size, shuffle=sampler is None, sampler=sampler,
+                          collate_fn=self.collate, num_workers=h.num_workers)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    def prediction_ids(self) -> list:
+        """The id of each predict row (``id_column`` or the row number), in row order."""
+        column = self.hparams.id_column
+        return [r.get(column, i) if column else i for i, r in enumerate(self._read("predict"))]

@@ -1,0 +1,119 @@
+"""The sequence(-pair) classification LightningModule: a pretrained encoder with a classification head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import Accuracy, F1Score
+
+from lmrecipes.losses import IGNORE_INDEX
+from lmrecipes.models.base import RecipeModule
+from lmrecipes.paths import resolve_pretrained
+
+LOSSES = ("ce", "weighted_ce")
+
+
+class SequenceClassifier(RecipeModule):
+    """``AutoModelForSequenceClassification``; logs loss, accuracy and F1 (binary for 2 classes, else macro)."""
+
+    pipeline_task = "text-classification"
+
+    def __init__(
+        self,
+        *,
+        pretrained: str,
+        num_labels: int = 2,
+        label_names: list[str] | None = None,
+        tokenizer_path: str | None = None,
+        loss: str = "ce",
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_schedule: str = "linear",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+    ):
+        """
+        Args:
+            pretrained: folder (e.g. one exported by the MLM recipe), Hub id or ``package://module/folder``.
+            num_labels: linked from the data.
+            label_names: linked from the data; saved as the exported model's id2label / label2id.
+            tokenizer_path: linked from the data; exported with the model.
+            loss: ``ce`` or ``weighted_ce`` (``class_weights`` per class).
+            class_weights: one weight per class for ``weighted_ce``.
+            label_smoothing: cross-entropy label smoothing.
+            lr: peak learning rate (the course: 5e-5).
+            weight_decay: AdamW decay (the course's Trainer default: 0).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            lr_schedule: ``linear`` (the course), ``cosine`` or ``constant``.
+            warmup_steps: warmup in optimizer steps.
+            min_lr_ratio: final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+        names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
+        if len(names) != num_labels:
+            raise ValueError(f"model.label_names has {len(names)} names for num_labels={num_labels}")
+        weights = None
+        if loss == "weighted_ce":
+            if not class_weights or len(class_weights) != num_labels:
+                raise ValueError(
+                    f"loss=weighted_ce needs model.class_weights with {num_labels} values, got {class_weights}"
+                )
+            weights = torch.tensor(class_weights, dtype=torch.float)
+        self.register_buffer("class_weights", weights, persistent=False)
+        from transformers import AutoModelForSequenceClassification
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_pretrained(pretrained), num_labels=num_labels,
+            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        )  # fmt: skip
+        task = {"task": "binary"} if num_labels == 2 else {"task": "multiclass", "num_classes": num_labels}
+        f1 = {} if num_labels == 2 else {"average": "macro"}
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": metric(**task, **(f1 if name == "f1" else {}))
+            for stage in ("val", "test") for name, metric in (("acc", Accuracy), ("f1", F1Score))
+        })  # fmt: skip
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model(**inputs).logits  # (B, C)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights, ignore_index=IGNORE_INDEX,
+                               label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        logits, labels = self(batch), batch["labels"]
+        keep = labels != IGNORE_INDEX
+        self.log(f"{stage}/loss", self._loss(logits, labels), sync_dist=True, batch_size=int(keep.sum()))
+        preds = logits.argmax(-1)[keep]
+        for name in ("acc", "f1"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric.update(preds, labels[keep])
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "acc")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:  # no perplexity here; torchmetrics objects sync themselves
+        pass
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"index": batch["index"], "probs": self(batch).float().softmax(-1)}
