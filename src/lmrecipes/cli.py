@@ -98,6 +98,10 @@ def expand_configs(args: list[str]) -> list[str]:
 
 
 def run_lightning(args: list[str]) -> None:
+    import warnings
+
+    # We always pass the (config-expanded) arguments explicitly; Lightning warns when sys.argv holds any too.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     RecipeCLI(
         model_class=None,
         datamodule_class=None,
