@@ -340,3 +340,33 @@ def test_real_stdlib_json_package():
     assert [p["name"] for p in pairs] == ["dump", "dumps", "load", "loads"]
     for pair in pairs:
         ast.parse(pair["code"])
+
+
+def test_definitions_inside_blocks_are_found():
+    source = textwrap.dedent('''\
+        if True:
+            def in_if():
+                """Defined inside an if statement."""
+        else:
+            def in_else():
+                """Defined inside an else branch."""
+        try:
+            pass
+        except ImportError:
+            def in_except():
+                """Defined inside an except handler."""
+        finally:
+            def in_finally():
+                """Defined inside a finally block."""
+        match command:
+            case "go":
+                def in_case():
+                    """Defined inside a match case."""
+        with open(path) as handle:
+            class InWith:
+                """Defined inside a with statement."""
+        ''')
+    names = ["in_if", "in_else", "in_except", "in_finally", "in_case"]
+    assert [p["name"] for p in extract_functions(source)] == names
+    assert extract_texts(source)[-1] == "Defined inside a with statement."
+    assert len(extract_texts(source)) == 6

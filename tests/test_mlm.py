@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmrecipes.cli import main
 from lmrecipes.data.packing import chunk_with_word_ids
@@ -98,3 +99,23 @@ def test_eval_perplexity_identical_on_one_and_two_processes(tiny_bert, tmp_path,
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert parse_ppl(proc.stdout) == pytest.approx(single, rel=1e-5)
+
+
+def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert, tmp_path):
+    """A tokenizer.json saved with truncation on (MiniLM's: 128) must not cut documents before chunking."""
+    from transformers import AutoTokenizer
+
+    from lmrecipes.data.mlm import MaskedTextDataModule
+
+    model_dir, corpus = tiny_bert
+    truncating = tmp_path / "tok"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.enable_truncation(16)
+    tok.save_pretrained(truncating)
+    kwargs = {"train_source": str(corpus), "chunk_size": 32, "heldout_fraction": 0.3, "progress": False}
+    plain = MaskedTextDataModule(tokenizer=str(model_dir), **kwargs)._chunks("train", None)[0]
+    cut = MaskedTextDataModule(tokenizer=str(truncating), **kwargs)._chunks("train", None)[0]
+    assert torch.equal(plain, cut)
+    texts = MaskedTextDataModule(tokenizer=str(model_dir), **kwargs)._documents("train")
+    total = sum(len(tok(t, truncation=False)["input_ids"]) for t in texts)  # [CLS] doc [SEP] each
+    assert len(plain) == total // 32

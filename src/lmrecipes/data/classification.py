@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -11,6 +13,11 @@ from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
 
 SPLITS = ("train", "validation", "test", "predict")
+
+
+def _local_files(spec: str) -> bool:
+    """Whether ``spec`` names local files, folders or globs (comma-separated), as opposed to a Hub dataset."""
+    return all(glob.glob(part.strip()) for part in spec.split(",") if part.strip())
 
 
 class Examples(Dataset):
@@ -105,7 +112,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             progress: progress bars.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # label_names lives in the model's hparams (linked, resolved); loggers refuse a key the two hold differently.
+        self.save_hyperparameters(ignore=["label_names"])
         if text_pair_column is not None and text_pair_column == text_column:
             raise ValueError(
                 f"data.text_pair_column={text_pair_column!r} is the same column as data.text_column"
@@ -138,7 +146,16 @@ class ClassificationDataModule(pl.LightningDataModule):
                    "predict": h.predict_source or h.test_source}  # fmt: skip
         splits = {"train": h.train_split, "validation": h.val_split, "test": h.test_split,
                   "predict": h.predict_split if h.predict_source else h.test_split}  # fmt: skip
-        return sources[split] or h.train_source, splits[split]
+        spec = sources[split] or h.train_source
+        if not _local_files(spec):
+            return spec, splits[split]
+        if (
+            split != "train" and sources[split] is None
+        ):  # local files have no splits: this would be the train rows
+            key = {"validation": "val_source", "test": "test_source", "predict": "predict_source"}[split]
+            raise ValueError(f"data.{key} is not set and data.train_source={spec!r} is local files, which hold "
+                             f"no {splits[split]!r} split; set data.{key}")  # fmt: skip
+        return spec, "train"  # the csv/json/parquet builders name a file's only split "train"
 
     def _read(self, split: str) -> list[dict]:
         """Raw rows of a split (cached), with the text, pair and label columns checked."""

@@ -26,7 +26,7 @@ from lmrecipes.data.sources import DocumentSource, SourceTree
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
-_BLOCK = (ast.stmt, ast.excepthandler, ast.match_case)  # nodes that can hold statements (and so definitions)
+_BODY_FIELDS = ("body", "handlers", "orelse", "finalbody", "cases")  # statement lists, in source order
 
 # Comments and string literals, in file order (unrolled loops: no per-character alternation).
 _SCAN = re.compile(
@@ -65,13 +65,15 @@ def _parse(source: str) -> ast.Module | None:
 
 def _definitions(node: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.AST]]:
     """Every class and function as ``(dotted name, node)`` in file order; nested ones are ``outer.inner``."""
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, _DEFS):
-            name = prefix + child.name
-            yield name, child
-            yield from _definitions(child, name + ".")
-        elif isinstance(child, _BLOCK):  # if/for/try/with/match bodies; expressions never hold a def
-            yield from _definitions(child, prefix)
+    # Only statement lists are walked (a def is always a statement), not the far larger expression trees.
+    for field in _BODY_FIELDS:
+        for child in getattr(node, field, ()):
+            if isinstance(child, _DEFS):
+                name = prefix + child.name
+                yield name, child
+                yield from _definitions(child, name + ".")
+            else:
+                yield from _definitions(child, prefix)
 
 
 def _looks_like_code(text: str) -> bool:
@@ -107,14 +109,16 @@ def _comment_line(text: str, lineno: int) -> str | None:
 
 def _full_line_comments(source: str) -> Iterator[tuple[int, int, int, str]]:
     """``(line number, start of its line, end, text)`` of each comment that is alone on its line."""
-    lineno, pos = 1, 0
+    lineno, pos, has_cr = 1, 0, "\r" in source
     for match in _SCAN.finditer(source):
         if match.lastgroup != "comment":
             continue  # a string literal: a '#' inside it is no comment
         begin = match.start()
         lineno += source.count("\n", pos, begin)
         pos = begin
-        line_start = max(source.rfind("\n", 0, begin), source.rfind("\r", 0, begin)) + 1
+        line_start = source.rfind("\n", 0, begin) + 1
+        if has_cr:  # bounded search: an unbounded rfind of a missing "\r" rescans the file per comment
+            line_start = source.rfind("\r", line_start, begin) + 1 or line_start
         if not source[line_start:begin].strip(" \t\f"):  # else a trailing comment after code
             yield lineno, line_start, match.end(), match.group()
 
@@ -272,15 +276,13 @@ class DocstringSource(DocumentSource):
                 self._skip("no_text")
                 continue
             content = "\n\n".join(texts)
-            yield (
-                index,
-                {
-                    "content": content,
-                    "path": file["path"],
-                    "size": len(content.encode()),
-                    "n_texts": len(texts),
-                },
-            )
+            doc = {
+                "content": content,
+                "path": file["path"],
+                "size": len(content.encode()),
+                "n_texts": len(texts),
+            }
+            yield index, doc
 
 
 def docstring_corpus_stats(source: DocstringSource, limit: int | None = None) -> dict:

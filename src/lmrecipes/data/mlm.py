@@ -22,7 +22,8 @@ from lmrecipes.data.masking import (
     whole_word_mask,
 )
 from lmrecipes.data.packing import chunk_with_word_ids
-from lmrecipes.data.sources import SourceTree, open_source
+from lmrecipes.data.pretokenize import whole_document_backend
+from lmrecipes.data.sources import SourceTree, open_source, sanitize_text
 from lmrecipes.data.stream import is_heldout, path_is_heldout
 from lmrecipes.paths import resolve_pretrained
 
@@ -164,7 +165,8 @@ class MaskedTextDataModule(pl.LightningDataModule):
 
     def _chunks(self, split: str, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         texts = self._documents(split)
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(texts)  # with [CLS]/[SEP], as the course
+        backend = whole_document_backend(self.tokenizer)
+        encodings = backend.encode_batch([sanitize_text(t) for t in texts])  # with [CLS]/[SEP], as the course
         ids, words = chunk_with_word_ids((e.ids for e in encodings), (e.word_ids for e in encodings),
                                          self.hparams.chunk_size)  # fmt: skip
         if len(ids) == 0:

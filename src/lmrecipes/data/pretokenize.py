@@ -30,16 +30,25 @@ def cache_key(parts: dict) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts in one call to the Rust tokenizer (no special tokens, no length warnings)."""
+def whole_document_backend(tokenizer):
+    """The tokenizer's Rust backend with truncation and padding off (a copy only when they are on).
+
+    A call with truncation=True, or a tokenizer.json saved with it (MiniLM's has max_length 128), leaves it set on
+    the backend, which would silently cut every document to max_length when encoding whole documents.
+    """
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None or backend.padding is not None:
-        # A call with truncation=True (or a tokenizer.json saved after one) leaves it set on the Rust backend,
-        # which would silently cut every document to max_length here: encode whole documents with a copy.
         backend = copy.deepcopy(backend)
         backend.no_truncation()
         backend.no_padding()
-    encodings = backend.encode_batch([sanitize_text(t) for t in texts], add_special_tokens=False)
+    return backend
+
+
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call to the Rust tokenizer (no special tokens, no length warnings)."""
+    encodings = whole_document_backend(tokenizer).encode_batch(
+        [sanitize_text(t) for t in texts], add_special_tokens=False
+    )
     return [e.ids for e in encodings]
 
 
