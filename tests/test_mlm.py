@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -119,3 +120,13 @@ def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert
     texts = MaskedTextDataModule(tokenizer=str(model_dir), **kwargs)._documents("train")
     total = sum(len(tok(t, truncation=False)["input_ids"]) for t in texts)  # [CLS] doc [SEP] each
     assert len(plain) == total // 32
+
+
+def test_tokenizer_without_mask_token_is_refused(tmp_path):
+    from lmrecipes.data.mlm import MaskedTextDataModule
+    from lmrecipes.tokenizers import train_bpe_tokenizer
+
+    texts = [inspect.getdoc(f) or "" for f in (json.dumps, json.loads, os.path.join, re.sub)] * 20
+    train_bpe_tokenizer(texts, vocab_size=300, progress=False).save_pretrained(tmp_path / "bpe")
+    with pytest.raises(ValueError, match="has no mask token"):
+        MaskedTextDataModule(tokenizer=str(tmp_path / "bpe"), train_source=str(tmp_path), progress=False)
