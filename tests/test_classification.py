@@ -298,8 +298,9 @@ def test_three_classes_single_sentence_csv_macro_f1(tiny_bert, functions, tmp_pa
     """Topic (module family) of a docstring sentence: one text column, integer labels, CSV in and out."""
     model_dir, _ = tiny_bert
     rows = [{"id": 1000 + k, "text_a": fn["doc"], "label": fn["family"]} for k, fn in enumerate(functions)]
-    train = write_csv(tmp_path / "train.csv", rows[0::3] + rows[1::3])
-    val_rows = rows[2::3]
+    by_family = [[r for r in rows if r["label"] == c][:45] for c in range(3)]  # balanced classes
+    train = write_csv(tmp_path / "train.csv", [r for group in zip(*by_family) for r in group[:30]])
+    val_rows = [r for group in zip(*by_family) for r in group][90:]
     val = write_csv(tmp_path / "validation.csv", val_rows)
     assert {r["label"] for r in val_rows} == {0, 1, 2}
     config = write_config(tmp_path, model_dir, predictions=f"{RUN}/predictions.csv", max_steps=20,
@@ -350,11 +351,11 @@ def test_predict_under_two_processes_keeps_input_order(fitted, predicted):
 def test_overfits_a_small_set_to_full_accuracy(tiny_bert, functions, tmp_path, monkeypatch, capsys):
     model_dir, _ = tiny_bert
     rows = write_jsonl(tmp_path / "small.jsonl", pair_rows(functions, 0, 16))
-    config = write_config(tmp_path, model_dir, model={"lr": 5e-3}, max_steps=60, limit_val_batches=0,
+    config = write_config(tmp_path, model_dir, model={"lr": 1e-2}, max_steps=30,
                           data={"train_source": rows, "val_source": rows, "batch_size": 16})  # fmt: skip
     monkeypatch.chdir(tmp_path)
     before = validate(["--config", config], capsys)
-    main(["fit", "--config", config])
+    main(["fit", "--config", config, "--trainer.limit_val_batches", "0"])
     after = validate(["--config", config, "--ckpt_path", CKPT], capsys)
     assert before["val/acc"] < 1.0
     assert after["val/acc"] == 1.0 and after["val/f1"] == 1.0

@@ -137,7 +137,9 @@ def quiet(args: list[str]) -> list[str]:
     os.environ["TQDM_DISABLE"] = "1"
     args = [a for a in args if a != "--quiet"]
     if args and args[0] in ("fit", "validate", "test", "predict"):
-        args += ["--trainer.enable_progress_bar=false"]
+        args += ["--trainer.enable_progress_bar=false", "--data.init_args.progress=false"]
+    elif args and args[0] == "tokenizer":
+        args += ["--progress=false"]
     return args
 
 

@@ -346,7 +346,8 @@ def open_source(
     progress: bool = True,
 ) -> DocumentSource:
     """Build the source that ``spec`` names: 'python-install', 'python-docstrings', 'docstrings:<dir>[,<dir>]',
-    directories, file paths/globs or a Hub id."""
+    'python-function-pairs', 'function-pairs:<dir>[,<dir>]' (split = train/validation/test), directories,
+    file paths/globs or a Hub id."""
     _check_policy(on_error)
     if spec == "python-install":
         return SourceTree(roots=python_install_roots(), pattern=pattern, on_error=on_error, progress=progress)
@@ -355,6 +356,11 @@ def open_source(
 
         roots = python_install_roots() if spec == "python-docstrings" else spec.split(":", 1)[1].split(",")
         return DocstringSource(roots=roots, on_error=on_error, progress=progress)
+    if spec == "python-function-pairs" or spec.startswith("function-pairs:"):
+        from lmrecipes.data.pairs import FunctionPairSource  # it builds on this module
+
+        roots = python_install_roots() if spec == "python-function-pairs" else spec.split(":", 1)[1].split(",")
+        return FunctionPairSource(roots=roots, split=split, on_error=on_error, progress=progress)
     parts = [part.strip() for part in spec.split(",") if part.strip()]
     kinds = {_kind_of(part) for part in parts}
     if len(kinds) != 1:
