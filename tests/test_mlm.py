@@ -130,3 +130,23 @@ def test_tokenizer_without_mask_token_is_refused(tmp_path):
     train_bpe_tokenizer(texts, vocab_size=300, progress=False).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ValueError, match="has no mask token"):
         MaskedTextDataModule(tokenizer=str(tmp_path / "bpe"), train_source=str(tmp_path), progress=False)
+
+
+def test_masked_only_head_gives_the_full_logits_loss(tiny_bert):
+    """The head applied at masked positions only gives the same loss as full logits (BERT and DistilBERT heads)."""
+    from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    from lmrecipes.models.mlm import masked_lm_loss_sum, masked_logits
+
+    torch.manual_seed(0)
+    distil = DistilBertForMaskedLM(
+        DistilBertConfig(n_layers=2, dim=32, hidden_dim=64, n_heads=2, vocab_size=200)
+    )
+    for model in (BertForMaskedLM.from_pretrained(tiny_bert[0]), distil):
+        model.eval()
+        ids = torch.randint(5, 200, (4, 24))
+        labels = torch.where(torch.rand(ids.shape) < 0.2, ids, torch.full_like(ids, -100))
+        full_sum, full_n = masked_lm_loss_sum(model(input_ids=ids).logits, labels)
+        part_sum, part_n = masked_lm_loss_sum(*masked_logits(model, ids, labels))
+        assert int(full_n) == int(part_n) > 0
+        assert float(part_sum) == pytest.approx(float(full_sum), rel=1e-5)

@@ -11,10 +11,30 @@ from lmrecipes.paths import resolve_pretrained
 
 
 def masked_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over masked positions, number of masked positions); labels -100 elsewhere, no shift."""
+    """(summed cross-entropy over labelled positions, their number); labels -100 elsewhere, no shift.
+    Takes (B, T, V)/(B, T) or already-selected (N, V)/(N,)."""
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def masked_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels at the masked positions only, (N, V) and (N,).
+
+    With 15 % masking, projecting every position onto a 30k vocabulary spends ~85 % of the head's FLOPs and most of
+    the activation memory on positions without a label; the encoder runs once, the head only where it is needed.
+    BERT-style (``cls``) and DistilBERT-style (``vocab_projector``) heads are supported; others get full logits.
+    """
+    keep = labels != IGNORE_INDEX  # (B, T)
+    if hasattr(model, "cls") or hasattr(model, "vocab_projector"):
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state[keep]  # (N, H)
+        if hasattr(model, "cls"):
+            logits = model.cls(hidden)
+        else:
+            hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+            logits = model.vocab_projector(hidden)
+        return logits, labels[keep]  # (N, V), (N,)
+    return model(input_ids=input_ids).logits[keep], labels[keep]
 
 
 def build_masked_lm(*, pretrained: str | None, config: dict | None, vocab_size: int):
@@ -79,13 +99,13 @@ class MaskedLM(RecipeModule):
         return self.model(input_ids=input_ids).logits  # (B, T, V)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = masked_lm_loss_sum(self(batch["input_ids"]), batch["labels"])
+        total, count = self.eval_loss_sum(batch)
         loss = total / count.clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return masked_lm_loss_sum(self(batch["input_ids"]), batch["labels"])
+        return masked_lm_loss_sum(*masked_logits(self.model, batch["input_ids"], batch["labels"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.update_eval_loss(*self.eval_loss_sum(batch))
