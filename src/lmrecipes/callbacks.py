@@ -222,7 +222,9 @@ class PredictionWriter(BasePredictionWriter):
             torch.distributed.all_gather_object(gathered, rows)
             rows = {k: v for part in gathered for k, v in part.items()}
         if trainer.is_global_zero:
-            self._write(rows, trainer.datamodule.prediction_ids(), pl_module.hparams.label_names)
+            id2label = pl_module.model.config.id2label  # the names export writes; hparams may lack them
+            names = [id2label[i] for i in range(len(id2label))]
+            self._write(rows, trainer.datamodule.prediction_ids(), names)
 
     def _write(self, rows: dict[int, list[float]], ids: list, names: list[str]) -> None:
         import csv

@@ -149,9 +149,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         spec = sources[split] or h.train_source
         if not _local_files(spec):
             return spec, splits[split]
-        if (
-            split != "train" and sources[split] is None
-        ):  # local files have no splits: this would be the train rows
+        # Local files have no splits: a split without its own source would silently be the training rows.
+        if split != "train" and sources[split] is None:
             key = {"validation": "val_source", "test": "test_source", "predict": "predict_source"}[split]
             raise ValueError(f"data.{key} is not set and data.train_source={spec!r} is local files, which hold "
                              f"no {splits[split]!r} split; set data.{key}")  # fmt: skip

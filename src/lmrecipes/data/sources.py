@@ -359,7 +359,9 @@ def open_source(
     if spec == "python-function-pairs" or spec.startswith("function-pairs:"):
         from lmrecipes.data.pairs import FunctionPairSource  # it builds on this module
 
-        roots = python_install_roots() if spec == "python-function-pairs" else spec.split(":", 1)[1].split(",")
+        roots = (
+            python_install_roots() if spec == "python-function-pairs" else spec.split(":", 1)[1].split(",")
+        )
         return FunctionPairSource(roots=roots, split=split, on_error=on_error, progress=progress)
     parts = [part.strip() for part in spec.split(",") if part.strip()]
     kinds = {_kind_of(part) for part in parts}

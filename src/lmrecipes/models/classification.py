@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score
 
 from lmrecipes.losses import IGNORE_INDEX
@@ -74,12 +75,17 @@ class SequenceClassifier(RecipeModule):
             resolve_pretrained(pretrained), num_labels=num_labels,
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         )  # fmt: skip
+        # from_pretrained returns eval mode and Lightning keeps each module's mode: dropout would stay off in fit.
+        self.model.train()
         task = {"task": "binary"} if num_labels == 2 else {"task": "multiclass", "num_classes": num_labels}
         f1 = {} if num_labels == 2 else {"average": "macro"}
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric(**task, **(f1 if name == "f1" else {}))
             for stage in ("val", "test") for name, metric in (("acc", Accuracy), ("f1", F1Score))
         })  # fmt: skip
+        # Not self.log(sync_dist=True): Lightning's synced mean floor-divides the integer count of rows by the
+        # world size, so ranks holding 33 + 32 rows give a wrong val/loss. MeanMetric syncs float sums exactly.
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
 
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -95,9 +101,13 @@ class SequenceClassifier(RecipeModule):
         return loss
 
     def _evaluate(self, batch: dict, stage: str) -> None:
-        logits, labels = self(batch), batch["labels"]
+        logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
         keep = labels != IGNORE_INDEX
-        self.log(f"{stage}/loss", self._loss(logits, labels), sync_dist=True, batch_size=int(keep.sum()))
+        if keep.any():  # a batch of ignored rows has a NaN loss
+            # the batch's loss is a mean over its rows' (class) weights: weigh it by their sum
+            weight = keep.sum() if self.class_weights is None else self.class_weights[labels[keep]].sum()
+            self.metrics[f"{stage}_loss"].update(self._loss(logits, labels), weight)
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
         preds = logits.argmax(-1)[keep]
         for name in ("acc", "f1"):
             metric = self.metrics[f"{stage}_{name}"]

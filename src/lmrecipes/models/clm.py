@@ -33,7 +33,8 @@ def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id
 def load_pretrained(path: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path)
+    # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off during fine-tuning
+    return AutoModelForCausalLM.from_pretrained(path).train()
 
 
 class CausalLM(RecipeModule):

@@ -40,8 +40,8 @@ def masked_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple
 def build_masked_lm(*, pretrained: str | None, config: dict | None, vocab_size: int):
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    if pretrained:
-        return AutoModelForMaskedLM.from_pretrained(resolve_pretrained(pretrained))
+    if pretrained:  # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off
+        return AutoModelForMaskedLM.from_pretrained(resolve_pretrained(pretrained)).train()
     return BertForMaskedLM(BertConfig(**{**(config or {}), "vocab_size": vocab_size}))
 
 
