@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -217,10 +218,12 @@ def test_dynamic_padding_per_batch_multiple_of_8_and_max_length(tiny_bert, funct
     labels = [r["label"] for r in pairs]
     rows = write_jsonl(tmp_path / "rows.jsonl", pairs)
 
-    def batches(**kwargs) -> tuple[list[torch.Tensor], list[int]]:
+    def batches(precision: str | None = None, **kwargs) -> tuple[list[torch.Tensor], list[int]]:
         dm = ClassificationDataModule(tokenizer=str(model_dir), train_source=rows, val_source=rows,
                                       text_column="text_a", text_pair_column="text_b", max_length=40,
                                       batch_size=8, progress=False, **kwargs)  # fmt: skip
+        if precision is not None:
+            dm.trainer = pl.Trainer(precision=precision, accelerator="cpu", logger=False)
         dm.setup("validate")
         features = dm._data["validation"].features
         out = list(dm.val_dataloader())
@@ -237,6 +240,9 @@ def test_dynamic_padding_per_batch_multiple_of_8_and_max_length(tiny_bert, funct
         assert b["labels"].tolist() == want
     rounded, _ = batches(pad_to_multiple_of=8)
     assert [b["input_ids"].shape[1] for b in rounded] == [math.ceil(n / 8) * 8 for n in longest]
+    mixed, _ = batches(precision="bf16-mixed")  # 16-bit mixed precision rounds to 8 by default
+    assert [b["input_ids"].shape[1] for b in mixed] == [math.ceil(n / 8) * 8 for n in longest]
+    assert [b["input_ids"].shape[1] for b in batches(precision="32-true")[0]] == longest
     fixed, _ = batches(pad_to_max_length=True)
     assert {b["input_ids"].shape[1] for b in fixed} == {40}
     for a, b in zip(dynamic, fixed):  # padding adds only masked [PAD] positions

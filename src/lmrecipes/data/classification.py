@@ -101,7 +101,8 @@ class ClassificationDataModule(pl.LightningDataModule):
                 distinct strings of the training labels.
             max_length: truncate (pairs: longest first) to this many tokens.
             pad_to_max_length: pad every batch to ``max_length`` (static shapes for TPUs / compilation).
-            pad_to_multiple_of: pad dynamic batches to a multiple of this (8 suits tensor cores under mixed precision).
+            pad_to_multiple_of: pad dynamic batches to a multiple of this; None: 8 under 16-bit mixed precision
+                (tensor cores), else no rounding; 1 turns rounding off.
             group_by_length: batch examples of similar length together (less padding, faster; still shuffled).
             max_examples: read at most this many rows per split.
             batch_size: examples per batch per device (the course: 8).
@@ -238,8 +239,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         h = self.hparams
         padding = "max_length" if h.pad_to_max_length else "longest"
         collator = DataCollatorWithPadding(self.tokenizer, padding=padding, max_length=h.max_length,
-                                           pad_to_multiple_of=h.pad_to_multiple_of)  # fmt: skip
+                                           pad_to_multiple_of=self._multiple())  # fmt: skip
         return collator(features)
+
+    def _multiple(self) -> int | None:
+        if self.hparams.pad_to_multiple_of is not None:
+            return self.hparams.pad_to_multiple_of if self.hparams.pad_to_multiple_of > 1 else None
+        precision = str(self.trainer.precision) if self.trainer is not None else ""
+        return 8 if "16" in precision else None
 
     def _eval_loader(self, split: str) -> DataLoader:
         trainer = self.trainer
