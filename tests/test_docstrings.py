@@ -283,6 +283,7 @@ def test_docstring_source_documents_skips_and_indices(tmp_path):
     assert by_name["a.py"] == {
         "content": "Module a has a docstring.\n\nAnd a comment block of prose.",
         "path": str(root / "a.py"),
+        "split_key": "a.py",
         "size": 56,
         "n_texts": 2,
     }

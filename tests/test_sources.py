@@ -51,7 +51,12 @@ def test_source_tree_order_start_and_columns(tmp_path):
     assert contents(tree) == [(0, "print('c')\n"), (1, "x = 1\n"), (2, "print('b')\n")]
     assert contents(tree, start=2) == [(2, "print('b')\n")]
     first = next(tree.iter_raw())[1]
-    assert first == {"content": "print('c')\n", "path": str(root / "a" / "c.py"), "size": 11}
+    assert first == {
+        "content": "print('c')\n",
+        "path": str(root / "a" / "c.py"),
+        "size": 11,
+        "split_key": "a/c.py",
+    }
     held = tree.iter_raw(select_path=lambda p: p.endswith("b.py"))
     assert [(i, d["content"]) for i, d in held] == [(2, "print('b')\n")]
 

@@ -363,3 +363,23 @@ def test_is_heldout_is_stable_and_near_the_fraction():
     assert all(w for h, w in zip(held, wider) if h)  # a larger fraction only adds documents
     assert not any(path_is_heldout(p, 0.0) for p in paths[:100])
     assert all(path_is_heldout(p, 1.0) for p in paths[:100])
+
+
+def test_heldout_split_does_not_depend_on_where_the_tree_lives(tmp_path):
+    """Two copies of one tree in different folders hold out the same files (a venv path must not change it)."""
+    from lmrecipes.data.sources import SourceTree
+    from lmrecipes.data.stream import is_heldout
+
+    for copy in ("one", "two/deeper"):
+        for i in range(200):
+            (tmp_path / copy / f"pkg{i % 7}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / copy / f"pkg{i % 7}" / f"m{i}.py").write_text(f"x = {i}\n")
+    held = [
+        sorted(
+            doc["split_key"]
+            for _, doc in SourceTree(roots=[tmp_path / c], progress=False).iter_raw()
+            if is_heldout(doc, 0.2)
+        )  # fmt: skip
+        for c in ("one", "two/deeper")
+    ]
+    assert held[0] == held[1] and 20 < len(held[0]) < 60

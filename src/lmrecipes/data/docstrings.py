@@ -279,6 +279,7 @@ class DocstringSource(DocumentSource):
             doc = {
                 "content": content,
                 "path": file["path"],
+                "split_key": file["split_key"],
                 "size": len(content.encode()),
                 "n_texts": len(texts),
             }

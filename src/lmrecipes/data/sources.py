@@ -145,6 +145,14 @@ class SourceTree(DocumentSource):
         self.max_file_bytes = max_file_bytes
         self.progress = progress
         self._files: list[str] | None = None
+        self._relative: dict[str, str] = {}
+
+    def split_key(self, path: str) -> str:
+        """The file's path relative to its root: what order and held-out splits hash, so they do not depend on
+        where the tree (or the virtual environment) lives."""
+        if not self._relative:
+            _ = self.files
+        return Path(self._relative.get(path, path)).as_posix()
 
     @property
     def files(self) -> list[str]:
@@ -154,9 +162,8 @@ class SourceTree(DocumentSource):
         return self._files
 
     def _list_files(self) -> list[str]:
-        found: dict[
-            str, str
-        ] = {}  # path -> path relative to its root; nested roots (stdlib holding site-packages) overlap
+        # path -> path relative to its root; a dict because nested roots (stdlib holding site-packages) overlap
+        found: dict[str, str] = {}
         with tqdm(desc="listing source files", unit=" files", disable=not self.progress) as bar:
             for root in self.roots:
                 # followlinks=False: symlinked directories can form loops and duplicate real trees.
@@ -170,6 +177,7 @@ class SourceTree(DocumentSource):
             raise SourceError(f"no file matches {self.pattern!r} under {self.roots}")
         # Ordered by a hash of the path, not alphabetically: a stream read front to back then mixes packages
         # instead of training on one library at a time, and the order is still the same on every run.
+        self._relative = found
         return sorted(found, key=lambda p: path_order_key(found[p]))
 
     def fingerprint(self) -> str:
@@ -179,11 +187,12 @@ class SourceTree(DocumentSource):
     def iter_raw(self, start: int = 0, *, select_path=None) -> Iterator[tuple[int, dict]]:
         """Yield one document per file; skipped files still consume their index.
 
-        ``select_path(path) -> bool`` skips files before reading them (a held-out split decided by path).
+        ``select_path(split_key) -> bool`` skips files before reading them (a held-out split decided by the
+        root-relative path, see :meth:`split_key`).
         """
         files = self.files
         for index in range(start, len(files)):
-            if select_path is not None and not select_path(files[index]):
+            if select_path is not None and not select_path(self.split_key(files[index])):
                 continue
             doc = self._read(files[index])
             if doc is not None:
@@ -206,7 +215,12 @@ class SourceTree(DocumentSource):
             )
             return None
         content = sanitize_text(content)
-        return {"content": content, "path": path, "size": len(content.encode())}
+        return {
+            "content": content,
+            "path": path,
+            "size": len(content.encode()),
+            "split_key": self.split_key(path),
+        }
 
 
 class JsonlFiles(DocumentSource):

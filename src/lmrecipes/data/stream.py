@@ -27,8 +27,9 @@ from lmrecipes.data.sources import DocumentSource
 
 
 def is_heldout(doc: dict, fraction: float) -> bool:
-    """Stable train/validation split by a hash of the document path (the same on every machine and rank)."""
-    return path_is_heldout(str(doc["path"]), fraction)
+    """Stable train/validation split by a hash of the document's root-relative path (``split_key``) or, for
+    sources without one, its ``path`` — the same on every rank and wherever the files live."""
+    return path_is_heldout(str(doc.get("split_key", doc["path"])), fraction)
 
 
 def path_is_heldout(path: str, fraction: float) -> bool:
