@@ -208,10 +208,16 @@ class CodeDataModule(pl.LightningDataModule):
         if filters.counts["kept"] == 0:
             raise ValueError(f"the filters kept no training documents: {filters.summary()}")
 
+    def _source_fingerprint(self) -> str:
+        """The training source's fingerprint, computed once per run (listing a big tree takes seconds)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._source("train").fingerprint()
+        return self._fingerprint
+
     def _cache_key(self) -> dict:
         h = self.hparams
         return {
-            "source": self._source("train").fingerprint(),
+            "source": self._source_fingerprint(),
             "filters": [h.keywords, h.quality_filter, h.dedup],
             "heldout": self._heldout(),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
@@ -355,7 +361,6 @@ class CodeDataModule(pl.LightningDataModule):
     def _signature(self) -> dict:
         """What a saved position depends on; resuming with any of it changed cannot reuse the cursors."""
         h = self.hparams
-        source = self._source("train")
         return {
             "batch_size": h.batch_size,
             "seq_len": h.seq_len,
@@ -363,7 +368,7 @@ class CodeDataModule(pl.LightningDataModule):
             "num_workers": max(1, h.num_workers),
             "pretokenize": h.pretokenize,
             "shuffle_seed": h.shuffle_seed,
-            "source": source.fingerprint(),
+            "source": self._source_fingerprint(),
             "filters": [h.keywords, h.quality_filter, h.dedup, self._heldout()],
         }
 

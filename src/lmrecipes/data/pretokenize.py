@@ -1,8 +1,8 @@
 """Tokenize a corpus once into a memory-mapped token file that later runs reuse.
 
 The cache folder is named by a fingerprint of everything that decides its content (source, filters, held-out
-split, tokenizer, packing mode, sequence length), so a changed source or tokenizer builds a new one instead of
-silently reusing stale tokens. Files are written under a temporary name and renamed, so an interrupted build
+split, tokenizer, packing mode; window starts are computed at load time, so any sequence length reuses it), so a
+changed source or tokenizer builds a new one instead of silently reusing stale tokens. Files are written under a temporary name and renamed, so an interrupted build
 never leaves a half-written cache that a later run would trust.
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ class StreamSpec:
     mode: str = "concat"
     heldout_fraction: float = 0.0  # documents in the held-out split are skipped by the training stream
     tokenize_batch: int = 64
-    extra: dict = field(default_factory=dict)
 
 
 def load_tokenizer(path: str):
@@ -164,9 +163,8 @@ class WindowStream(IterableDataset):
         logical = (worker + self.resume["consumed"]) % workers
         shard, num_shards = self.rank * workers + logical, self.world_size * workers
         epoch, index, _ = self.resume["cursors"].get(logical, [0, 0, 0])
-        per_shard = (
-            len(self.starts) // num_shards
-        )  # equal counts on every shard; the remainder rotates by epoch
+        # Equal counts on every shard; the few windows left over are a different random subset each epoch.
+        per_shard = len(self.starts) // num_shards
         if per_shard < self.batch_size:
             raise ValueError(
                 f"{len(self.starts)} pre-tokenized windows cannot fill a batch of {self.batch_size} on each of "
