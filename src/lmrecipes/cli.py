@@ -42,6 +42,38 @@ class RecipeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_resume_config(config)
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Every run gets atomic checkpoint writes, save-and-exit on preemption signals and the non-finite loss
+        policy, unless the config already chose its own."""
+        from lightning.pytorch.plugins.io import CheckpointIO
+
+        from lmrecipes.checkpoints import AtomicCheckpointIO
+        from lmrecipes.resilience import NonFiniteLoss, Preemption
+
+        present = [*(config.get("callbacks") or []), *callbacks]
+        callbacks += [cls() for cls in (Preemption, NonFiniteLoss) if not any(isinstance(c, cls) for c in present)]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Checked before anything trains: a corrupt or truncated checkpoint is named, and "last" falls back to the
+        # newest valid one in the ModelCheckpoint folder.
+        from lmrecipes.checkpoints import remove_partial_saves, resolve_ckpt_path
+
+        config = self.config_init[subcommand]
+        folder = next((cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None)
+        if folder and self.trainer.is_global_zero and Path(folder).is_dir():
+            for tmp in remove_partial_saves(folder):
+                print(f"lmrecipes: removed {tmp} (left by a save that was interrupted)", flush=True)
+        asked = config.get("ckpt_path")
+        config["ckpt_path"] = resolve_ckpt_path(asked, folder)
+        if asked == "last" and config["ckpt_path"] is None and self.trainer.is_global_zero:
+            print(f"lmrecipes: no checkpoint in {folder} yet: starting from scratch", flush=True)
+        super()._run_subcommand(subcommand)
+
 
 def check_resume_config(config) -> None:
     """``--ckpt_path last`` silently starts from scratch without a ModelCheckpoint that has dirpath and save_last."""

@@ -29,6 +29,7 @@ from lmrecipes.data.stream import (
     WindowStream,
     is_heldout,
     load_tokenizer,
+    own_generator,
     path_is_heldout,
 )
 
@@ -324,12 +325,13 @@ class CodeDataModule(pl.LightningDataModule):
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=own_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
             self.setup("validate")
-        return DataLoader(BatchList(self._val_batches), batch_size=None)
+        return DataLoader(BatchList(self._val_batches), batch_size=None, generator=own_generator())
 
     test_dataloader = val_dataloader
 

@@ -26,6 +26,13 @@ from lmrecipes.data.pretokenize import encode_batch
 from lmrecipes.data.sources import DocumentSource
 
 
+def own_generator() -> torch.Generator:
+    """A DataLoader's own generator: ``iter(loader)`` otherwise draws its worker seed from the global torch RNG, so
+    a validation pass would shift the dropout draws of the steps after it, and a resumed run (which restores the
+    RNG states saved in the checkpoint) would no longer match the uninterrupted one."""
+    return torch.Generator().manual_seed(0)
+
+
 def is_heldout(doc: dict, fraction: float) -> bool:
     """Stable train/validation split by a hash of the document's root-relative path (``split_key``) or, for
     sources without one, its ``path`` — the same on every rank and wherever the files live."""

@@ -1,5 +1,5 @@
 """What every recipe's LightningModule shares: AdamW + warmup schedule, LR resync on resume, token-weighted
-perplexity, and the metadata export needs. Subclasses own the model, the loss and their (explicit) arguments."""
+perplexity, every rank's RNG states in checkpoints, and the metadata export needs. Subclasses own the model, the loss and their (explicit) arguments."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
+from lmrecipes.checkpoints import rng_state, set_rng_state
 from lmrecipes.optim import build_optimizer, sync_scheduler_lr
 
 
@@ -19,6 +21,7 @@ class RecipeModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
+        self._rng_to_restore: dict | None = None
 
     def update_eval_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         """Accumulate a batch's summed token loss and token count (synced over ranks at epoch end)."""
@@ -56,3 +59,29 @@ class RecipeModule(pl.LightningModule):
         from lmrecipes.export import record_class
 
         record_class(self, checkpoint)
+        # Every rank's generators (dropout differs per rank once they diverge), not only rank 0's.
+        states = [rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, rng_state())
+        checkpoint["lmrecipes"]["rng"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("lmrecipes", {}).get("rng")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if states is None:
+            return
+        if len(states) != world:
+            rank_zero_warn(
+                f"the checkpoint holds RNG states for {len(states)} ranks, this run has {world}: "
+                "dropout draws continue from this run's seed instead"
+            )
+            return
+        self._rng_to_restore = states[self.trainer.global_rank if self._trainer is not None else 0]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored right before the first step after resuming: the uninterrupted run drew nothing from the global
+        # generators between its save and this step (the DataModules give every DataLoader its own generator).
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None

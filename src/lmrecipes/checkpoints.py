@@ -1,0 +1,163 @@
+"""Checkpoints that survive crashes: atomic writes, corruption checks, ``--ckpt_path last`` fallback, RNG states.
+
+Lightning's own "atomic" save buffers the whole checkpoint in memory, writes it to a file in the *system* temp
+folder and moves it into place; when that folder is on another filesystem (local /tmp, checkpoints on NFS or
+Lustre, the usual cluster layout) the move is a copy, and a kill during the copy leaves a truncated ``last.ckpt``.
+``AtomicCheckpointIO`` writes next to the target, fsyncs, and renames, so the previous file survives any crash.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+REQUIRED_KEYS = ("state_dict", "global_step", "loops")
+TMP_SUFFIX = ".tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a hidden temporary file in the target folder, fsync, then ``os.replace``."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        target = Path(path)
+        if "://" in str(path):  # remote filesystems: Lightning's fsspec transaction is the right tool there
+            return super().save_checkpoint(checkpoint, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a power loss right after could otherwise undo it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a usable checkpoint (truncated, corrupt, not a Lightning checkpoint), or None if it is.
+
+    ``torch.load`` reads a bit-flipped tensor without complaint; the zip CRCs catch it, so both are checked.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"CRC check failed for {bad} (corrupt data)"
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        return "file not found"
+    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as err:
+        return f"truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        return f"not a Lightning training checkpoint (missing {', '.join(missing)})"
+    return None
+
+
+def candidates(folder: str | Path) -> list[Path]:
+    """Checkpoints in ``folder``, newest first (unfinished temporary files are never candidates)."""
+    paths = [p for p in Path(folder).glob("*.ckpt") if p.is_file()]
+    return sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def newest_valid(folder: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``folder`` that passes ``checkpoint_problem``, and what was wrong with newer ones."""
+    skipped = []
+    for path in candidates(folder):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path}: {problem}")
+    return None, skipped
+
+
+def resolve_ckpt_path(ckpt_path: str | None, folder: str | None) -> str | None:
+    """The checkpoint a run should resume from, checked before training starts.
+
+    ``last``: the newest valid checkpoint in the ModelCheckpoint folder (corrupt ones are named and skipped), or
+    None (start from scratch) when there is none yet. An explicit path must be valid: a corrupt one is an error
+    that names the newest valid alternative.
+    """
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+        return ckpt_path
+    if ckpt_path == "last":
+        if folder is None or not Path(folder).is_dir():
+            return None
+        path, skipped = newest_valid(folder)
+        if skipped:
+            rank_zero_warn(
+                "skipped unusable checkpoints:\n  " + "\n  ".join(skipped)
+                + (f"\nresuming from {path}" if path else "\nno valid checkpoint left: starting from scratch")
+            )  # fmt: skip
+        return None if path is None else str(path)
+    problem = checkpoint_problem(ckpt_path)
+    if problem is not None:
+        alternative, _ = newest_valid(Path(ckpt_path).parent)
+        hint = f"; the newest valid checkpoint there is {alternative}" if alternative else ""
+        raise ValueError(f"--ckpt_path {ckpt_path} cannot be resumed from: {problem}{hint}")
+    return ckpt_path
+
+
+def remove_partial_saves(folder: str | Path) -> list[Path]:
+    """Delete temporary files left by saves that were killed mid-write (each can be as large as a checkpoint)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*.ckpt.*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+# -- RNG states: dropout (and anything else drawn from the global generators) continues exactly on resume --
+
+
+def rng_state() -> dict:
+    """This process's global RNG states as plain types and tensors (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate needs tuples; a checkpoint round trip may give lists
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
