@@ -1,0 +1,181 @@
+"""Surviving crashes: atomic checkpoint writes, corrupt-checkpoint fallback, SIGTERM / SIGKILL and exact resume,
+non-finite losses. Runs the real CLI in subprocesses and kills it with real signals (see tests/faults.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from faults import read_log
+from test_cli import fit_args
+
+from lmrecipes.checkpoints import (
+    AtomicCheckpointIO,
+    checkpoint_problem,
+    rng_state,
+    resolve_ckpt_path,
+    set_rng_state,
+)
+
+TESTS = Path(__file__).resolve().parent
+DROPOUT_MODEL = (
+    "{n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0.1, embd_pdrop: 0.1, attn_pdrop: 0.1}"
+)
+CKPTS = "runs/clm-offline/checkpoints"
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lmrecipes", *args, "--quiet"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def callbacks_config(path: Path, log: Path, *extra: dict) -> str:
+    """A config file whose callbacks save every 2 steps (keeping all), log every batch, and inject ``extra``."""
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": CKPTS, "filename": "step{step}", "auto_insert_metric_name": False,
+                      "every_n_train_steps": 2, "save_top_k": -1, "save_last": True},
+    }  # fmt: skip
+    log_cb = {"class_path": "faults.StepLog", "init_args": {"path": str(log)}}
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint, log_cb, *extra]}}))
+    return str(path)
+
+
+def signal_at(step: int, name: str, rank: int | None = None) -> dict:
+    return {"class_path": "faults.SignalAt", "init_args": {"step": step, "signal_name": name, "rank": rank}}
+
+
+def chain_args(code_tree: Path, run: Path, tok: Path, config: str, *extra: str) -> list[str]:
+    return fit_args(
+        code_tree, run,
+        "--data.init_args.tokenizer", str(tok),
+        "--model.init_args.config", DROPOUT_MODEL,   # dropout on: resuming must restore the RNG states
+        "--trainer.max_steps", "8",
+        "--trainer.accumulate_grad_batches", "2",
+        "--trainer.val_check_interval", "4",          # validation between steps must not shift the dropout draws
+        "--trainer.limit_val_batches", "2",
+        "--config", config,
+        *extra,
+    )  # fmt: skip
+
+
+def assert_same_batches_and_losses(straight: dict, chained: dict) -> None:
+    assert sorted(straight) == sorted(chained)
+    for rank in straight:
+        a, b = straight[rank], chained[rank]
+        assert [(r["step"], r["batch_idx"]) for r in a] == [(r["step"], r["batch_idx"]) for r in b]
+        for x, y in zip(a, b):
+            where = f"rank {rank} step {x['step']} batch {x['batch_idx']}"
+            assert x["hash"] == y["hash"], where
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-6), where
+
+
+def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None) -> None:
+    """Uninterrupted 8 steps vs: SIGTERM after step 3 (save, exit 143) -> resume, SIGKILL after step 5 (last save:
+    step 4) -> last.ckpt truncated as by a crash -> resume from the newest valid checkpoint to step 8."""
+    tok = tmp_path / "tok"
+    straight, chain = tmp_path / "straight", tmp_path / "chain"
+    for run in (straight, chain):
+        run.mkdir()
+    plain = callbacks_config(straight / "cb.yaml", straight / "log")
+    done = run_cli(chain_args(code_tree, straight, tok, plain, *launch), straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    log = chain / "log"
+    term = callbacks_config(chain / "term.yaml", log, signal_at(3, "SIGTERM", sigterm_rank))
+    first = run_cli(chain_args(code_tree, chain, tok, term, *launch), chain)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert torch.load(chain / CKPTS / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    kill = callbacks_config(chain / "kill.yaml", log, signal_at(5, "SIGKILL"))
+    second = run_cli(chain_args(code_tree, chain, tok, kill, *launch, "--ckpt_path", "last"), chain)
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    last = chain / CKPTS / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a crash mid-write, without atomic saves
+
+    resumed = callbacks_config(chain / "resume.yaml", log)
+    third = run_cli(chain_args(code_tree, chain, tok, resumed, *launch, "--ckpt_path", "last"), chain)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "last.ckpt: truncated or corrupt" in third.stderr and "resuming from" in third.stderr
+    assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
+
+
+@pytest.mark.slow
+def test_sigterm_sigkill_and_corrupt_last_resume_exactly_one_process_two_workers(code_tree, tmp_path):
+    stop_resume_chain(code_tree, tmp_path, "--data.init_args.num_workers", "2", sigterm_rank=0)
+
+
+def test_nonfinite_loss_stop_policy_names_the_step_and_rank(code_tree, tmp_path):
+    poison = {"class_path": "faults.PoisonOnce", "init_args": {"step": 2, "rank": 0}}
+    stop = {"class_path": "lmrecipes.resilience.NonFiniteLoss", "init_args": {"policy": "stop"}}
+    config = callbacks_config(tmp_path / "cb.yaml", tmp_path / "log", poison, stop)
+    proc = run_cli(fit_args(code_tree, tmp_path, "--config", config, "--trainer.limit_val_batches", "0"), tmp_path)
+    assert proc.returncode != 0
+    assert "FloatingPointError: non-finite loss at optimizer step 3 (epoch 0, batch 2) on rank(s) [0]" in proc.stderr
+    rows = read_log(tmp_path / "log")[0]
+    assert [r["step"] for r in rows] == [1, 2]  # stopped before the poisoned step was applied
+
+
+def test_atomic_save_failure_keeps_the_previous_checkpoint(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated in the middle of torch.save)")
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1, "loops": {}}, target)
+    before = target.read_bytes()
+    big = {"state_dict": {"w": torch.zeros(100_000)}, "global_step": 2, "loops": {}, "bad": Unpicklable()}
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint(big, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+    assert checkpoint_problem(target) is None
+
+
+def test_corrupt_checkpoints_are_detected_and_last_falls_back(tmp_path):
+    io = AtomicCheckpointIO()
+    good = {"state_dict": {"w": torch.arange(1000.0)}, "global_step": 4, "loops": {}}
+    io.save_checkpoint(good, tmp_path / "step4.ckpt")
+    io.save_checkpoint({**good, "global_step": 6}, tmp_path / "step6.ckpt")
+    io.save_checkpoint({**good, "global_step": 6}, tmp_path / "last.ckpt")
+    data = (tmp_path / "step6.ckpt").read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the tensor bytes: torch.load would not notice
+    (tmp_path / "step6.ckpt").write_bytes(bytes(flipped))
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 3])
+    os.utime(tmp_path / "step4.ckpt", (1, 1))  # oldest
+
+    assert "truncated or corrupt" in checkpoint_problem(tmp_path / "last.ckpt")
+    assert "CRC check failed" in checkpoint_problem(tmp_path / "step6.ckpt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
+    assert "missing state_dict" in checkpoint_problem(tmp_path / "plain.pt")
+    with pytest.warns(UserWarning, match="last.ckpt: truncated or corrupt"):
+        assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "step4.ckpt")
+    with pytest.raises(ValueError, match=r"step6.ckpt cannot be resumed from: CRC.*newest valid.*step4.ckpt"):
+        resolve_ckpt_path(str(tmp_path / "step6.ckpt"), None)
+    assert resolve_ckpt_path("last", tmp_path / "missing") is None  # first launch of a requeued job
+    assert resolve_ckpt_path(str(tmp_path / "step4.ckpt"), None) == str(tmp_path / "step4.ckpt")
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "rng.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    set_rng_state(torch.load(tmp_path / "rng.ckpt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
