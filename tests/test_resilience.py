@@ -18,8 +18,8 @@ from test_cli import fit_args
 from lmrecipes.checkpoints import (
     AtomicCheckpointIO,
     checkpoint_problem,
-    rng_state,
     resolve_ckpt_path,
+    rng_state,
     set_rng_state,
 )
 
@@ -117,9 +117,14 @@ def test_nonfinite_loss_stop_policy_names_the_step_and_rank(code_tree, tmp_path)
     poison = {"class_path": "faults.PoisonOnce", "init_args": {"step": 2, "rank": 0}}
     stop = {"class_path": "lmrecipes.resilience.NonFiniteLoss", "init_args": {"policy": "stop"}}
     config = callbacks_config(tmp_path / "cb.yaml", tmp_path / "log", poison, stop)
-    proc = run_cli(fit_args(code_tree, tmp_path, "--config", config, "--trainer.limit_val_batches", "0"), tmp_path)
+    proc = run_cli(
+        fit_args(code_tree, tmp_path, "--config", config, "--trainer.limit_val_batches", "0"), tmp_path
+    )
     assert proc.returncode != 0
-    assert "FloatingPointError: non-finite loss at optimizer step 3 (epoch 0, batch 2) on rank(s) [0]" in proc.stderr
+    assert (
+        "FloatingPointError: non-finite loss at optimizer step 3 (epoch 0, batch 2) on rank(s) [0]"
+        in proc.stderr
+    )
     rows = read_log(tmp_path / "log")[0]
     assert [r["step"] for r in rows] == [1, 2]  # stopped before the poisoned step was applied
 

@@ -51,7 +51,9 @@ class RecipeCLI(LightningCLI):
         from lmrecipes.resilience import NonFiniteLoss, Preemption
 
         present = [*(config.get("callbacks") or []), *callbacks]
-        callbacks += [cls() for cls in (Preemption, NonFiniteLoss) if not any(isinstance(c, cls) for c in present)]
+        callbacks += [
+            cls() for cls in (Preemption, NonFiniteLoss) if not any(isinstance(c, cls) for c in present)
+        ]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -64,7 +66,9 @@ class RecipeCLI(LightningCLI):
         from lmrecipes.checkpoints import remove_partial_saves, resolve_ckpt_path
 
         config = self.config_init[subcommand]
-        folder = next((cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None)
+        folder = next(
+            (cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None
+        )
         if folder and self.trainer.is_global_zero and Path(folder).is_dir():
             for tmp in remove_partial_saves(folder):
                 print(f"lmrecipes: removed {tmp} (left by a save that was interrupted)", flush=True)

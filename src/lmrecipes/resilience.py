@@ -55,7 +55,11 @@ class Preemption(Callback):
         for name in (*signals, *requeue_signals):
             if not isinstance(getattr(signal, name, None), signal.Signals):
                 raise ValueError(f"Preemption: {name!r} is not a signal name (e.g. 'SIGTERM', 'SIGUSR1')")
-        self.signals, self.requeue_signals, self.checkpoint = tuple(signals), tuple(requeue_signals), checkpoint
+        self.signals, self.requeue_signals, self.checkpoint = (
+            tuple(signals),
+            tuple(requeue_signals),
+            checkpoint,
+        )
         self._received = 0
         self._previous: dict[int, object] = {}
         self._step_at_start = -1
@@ -64,7 +68,10 @@ class Preemption(Callback):
         # Only record it: saving needs a step boundary and every rank (collectives), not a signal handler.
         if not self._received:
             self._received = signum
-            print(f"lmrecipes: received {signal.Signals(signum).name}: saving after the current step", flush=True)
+            print(
+                f"lmrecipes: received {signal.Signals(signum).name}: saving after the current step",
+                flush=True,
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning installed its own handlers just before training; ours replace them until teardown.
@@ -162,7 +169,9 @@ class NonFiniteLoss(Callback):
         self.skipped += 1
         self._in_a_row += 1
         if self.policy == "stop" or self._in_a_row > self.max_consecutive:
-            reason = "" if self.policy == "stop" else f" ({self._in_a_row} steps in a row: the run has diverged)"
+            reason = (
+                "" if self.policy == "stop" else f" ({self._in_a_row} steps in a row: the run has diverged)"
+            )
             raise FloatingPointError(f"{where}{reason}; stopping. Lower the learning rate or check the data.")
         rank_zero_warn(f"{where}: step skipped on every rank ({self.skipped} skipped so far)")
         optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
