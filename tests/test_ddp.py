@@ -1,56 +1,39 @@
-"""Real 2-process DDP (gloo, CPU) through the CLI: per-rank data positions are saved and resumed exactly."""
+"""Real 2-process DDP (gloo, CPU) through the CLI: per-rank data positions are saved and resumed exactly, a signal
+on one rank stops both after the same step, a NaN on one rank skips the step on both."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from test_cli import fit_args, read_metric
+from test_resilience import callbacks_config, run_cli, stop_resume_chain
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 
 
-def run_cli(args: list[str], cwd) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmrecipes", *args, "--quiet"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.mark.slow
+def test_ddp_sigterm_on_one_rank_sigkill_and_corrupt_last_resume_exactly(code_tree, tmp_path):
+    workers = ["--data.init_args.num_workers", "0"]
+    straight = stop_resume_chain(code_tree, tmp_path, *DDP, *workers, sigterm_rank=1)
+    saved = torch.load(straight / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
+    ranks = saved["CodeDataModule"]
+    assert [r["consumed"] for r in ranks["ranks"]] == [16, 16]  # both ranks' positions, not only rank 0's
+    assert ranks["ranks"][0]["cursors"] != ranks["ranks"][1]["cursors"]  # different shards
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_read_different_shards_and_resume_exactly(code_tree, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [
-        *DDP,
-        "--data.init_args.tokenizer",
-        str(tmp_path / "tok"),
-        "--data.init_args.num_workers",
-        "1",
-        "--trainer.val_check_interval",
-        "100",
-        "--trainer.limit_val_batches",
-        "0",
-    ]
-    for run in (straight, resumed):
-        run.mkdir()
-    run_cli(fit_args(code_tree, straight, *common), straight)
-    ckpt = torch.load(straight / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
-    ranks = ckpt["CodeDataModule"]["ranks"]
-    assert [r["consumed"] for r in ranks] == [6, 6]  # both ranks' positions, not only rank 0's
-    assert ranks[0]["cursors"] != ranks[1]["cursors"]  # different shards
-
-    run_cli(fit_args(code_tree, resumed, *common, "--trainer.max_steps", "3"), resumed)
-    run_cli(fit_args(code_tree, resumed, *common, "--ckpt_path", "last"), resumed)
-    a, b = dict(read_metric(straight, "train/loss")), dict(read_metric(resumed, "train/loss"))
-    assert sorted(a) == sorted(b) == list(range(6))
-    for step in range(6):
-        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+def test_ddp_nan_on_one_rank_skips_the_step_on_both(code_tree, tmp_path):
+    poison = {"class_path": "faults.PoisonOnce", "init_args": {"step": 2, "rank": 1}}
+    config = callbacks_config(tmp_path / "cb.yaml", tmp_path / "log", poison)
+    args = fit_args(code_tree, tmp_path, *DDP, "--config", config, "--trainer.limit_val_batches", "0")
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "non-finite loss at optimizer step 3 (epoch 0, batch 2) on rank(s) [1]: step skipped on every rank"
+        in (proc.stderr)
+    )
+    ckpt = torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert int(ckpt["optimizer_states"][0]["state"][0]["step"]) == 5  # AdamW applied 5 of the 6 steps
+    assert all(torch.isfinite(w).all() for w in ckpt["state_dict"].values())
+    assert dict(read_metric(tmp_path, "train/skipped_steps"))[2] == 1.0

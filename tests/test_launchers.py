@@ -126,3 +126,18 @@ def test_slurm_script_command_is_accepted_by_the_cli(tmp_path, monkeypatch, caps
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
     checkpoint = callbacks["ModelCheckpoint"]
     assert checkpoint["dirpath"] and checkpoint["save_last"]  # where --ckpt_path last looks after a requeue
+
+
+def test_torchrun_with_a_device_count_that_does_not_match_is_refused(monkeypatch):
+    from lmrecipes.cli import check_launcher_devices
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_launcher_devices(2, "cpu")
+    check_launcher_devices("2", "cpu")
+    with pytest.raises(
+        ValueError, match="torchrun started 2 processes per node but trainer.devices is 'auto'"
+    ):
+        check_launcher_devices("auto", "cpu")  # Lightning would run two independent 1-process trainings
+    with pytest.raises(ValueError, match="pass --trainer.devices 2"):
+        check_launcher_devices(1, "cpu")

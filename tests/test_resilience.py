@@ -77,7 +77,7 @@ def assert_same_batches_and_losses(straight: dict, chained: dict) -> None:
             assert y["loss"] == pytest.approx(x["loss"], abs=1e-6), where
 
 
-def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None) -> None:
+def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None) -> Path:
     """Uninterrupted 8 steps vs: SIGTERM after step 3 (save, exit 143) -> resume, SIGKILL after step 5 (last save:
     step 4) -> last.ckpt truncated as by a crash -> resume from the newest valid checkpoint to step 8."""
     tok = tmp_path / "tok"
@@ -106,6 +106,7 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
     assert third.returncode == 0, third.stderr[-3000:]
     assert "last.ckpt: truncated or corrupt" in third.stderr and "resuming from" in third.stderr
     assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
+    return straight
 
 
 @pytest.mark.slow

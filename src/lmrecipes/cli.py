@@ -54,6 +54,7 @@ class RecipeCLI(LightningCLI):
         callbacks += [
             cls() for cls in (Preemption, NonFiniteLoss) if not any(isinstance(c, cls) for c in present)
         ]
+        check_launcher_devices(config.get("devices", "auto"), str(config.get("accelerator", "auto")))
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -94,6 +95,25 @@ def check_resume_config(config) -> None:
         "--ckpt_path last needs a ModelCheckpoint callback with an explicit dirpath and save_last: true in "
         "trainer.callbacks (otherwise Lightning finds no last.ckpt and silently starts from scratch)"
     )
+
+
+def check_launcher_devices(devices, accelerator) -> None:
+    """Under torchrun, ``trainer.devices`` must equal the processes per node: with ``auto`` on CPU Lightning picks one
+    device, skips its world-size check, and every process trains alone into the same files."""
+    import torch
+
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    if local_world is None or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    count = len(devices) if isinstance(devices, (list, tuple)) else str(devices)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if count in ("auto", "-1") and not on_cpu:
+        return  # all local GPUs: Lightning checks that against the world size itself
+    if str(count) != local_world:
+        raise ValueError(
+            f"torchrun started {local_world} processes per node but trainer.devices is {devices!r}: "
+            f"pass --trainer.devices {local_world} (and --trainer.num_nodes for several nodes)"
+        )
 
 
 def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:

@@ -73,12 +73,21 @@ class Preemption(Callback):
                 flush=True,
             )
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning installed its own handlers just before training; ours replace them until teardown.
+    def _install(self) -> None:
         for name in self.signals:
             signum = getattr(signal, name)
-            self._previous[signum] = signal.getsignal(signum)
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handler)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Installed before Lightning registers its handlers: it then leaves SIGUSR1 alone (no SLURM hpc_ckpt and
+        # requeue of its own), and a signal that arrives while data is prepared is handled at the first step.
+        if stage == "fit":
+            self._install()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning wrapped SIGTERM in its own handler (which broadcasts from inside the handler): replace it.
+        self._install()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
