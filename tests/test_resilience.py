@@ -102,9 +102,12 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a crash mid-write, without atomic saves
 
     resumed = callbacks_config(chain / "resume.yaml", log)
-    third = run_cli(chain_args(code_tree, chain, tok, resumed, *launch, "--ckpt_path", "last"), chain)
+    # A changed seed cannot change the continuation: the checkpoint's RNG states win (and the run says so).
+    new_seed = ["--seed_everything", "7", "--ckpt_path", "last"]
+    third = run_cli(chain_args(code_tree, chain, tok, resumed, *launch, *new_seed), chain)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "last.ckpt: truncated or corrupt" in third.stderr and "resuming from" in third.stderr
+    assert "seed_everything changed from 42 to 7" in third.stderr
     assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
     return straight
 

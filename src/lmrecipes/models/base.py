@@ -4,6 +4,7 @@ perplexity, every rank's RNG states in checkpoints, and the metadata export need
 from __future__ import annotations
 
 import math
+import os
 
 import lightning.pytorch as pl
 import torch
@@ -65,19 +66,26 @@ class RecipeModule(pl.LightningModule):
             states = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, rng_state())
         checkpoint["lmrecipes"]["rng"] = states
+        checkpoint["lmrecipes"]["seed"] = os.environ.get("PL_GLOBAL_SEED")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("lmrecipes", {}).get("rng")
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if states is None:
+        if states is None or self._trainer is None:  # no trainer: loaded for export, nothing to resume
             return
+        world = self.trainer.world_size
+        saved_seed, seed = checkpoint["lmrecipes"].get("seed"), os.environ.get("PL_GLOBAL_SEED")
+        if saved_seed != seed:
+            rank_zero_warn(
+                f"seed_everything changed from {saved_seed} to {seed} since the checkpoint was written; the "
+                "checkpoint's RNG states are restored, so training continues as the original run would have"
+            )
         if len(states) != world:
             rank_zero_warn(
                 f"the checkpoint holds RNG states for {len(states)} ranks, this run has {world}: "
                 "dropout draws continue from this run's seed instead"
             )
             return
-        self._rng_to_restore = states[self.trainer.global_rank if self._trainer is not None else 0]
+        self._rng_to_restore = states[self.trainer.global_rank]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Restored right before the first step after resuming: the uninterrupted run drew nothing from the global
