@@ -1,6 +1,7 @@
 """Packed streams over a real source tree and tokenizer: sharding, de-duplication, exact resume, token caches."""
 
 import functools
+import itertools
 import json
 
 import numpy as np
@@ -267,39 +268,34 @@ def test_token_file_windows_equal_packed_windows(corpus, tmp_path):
         assert np.array_equal(windows, packed)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_window_stream_epochs_use_each_window_at_most_once(world_size):
+def test_window_stream_uses_every_window_exactly_once_per_epoch(world_size, workers):
+    """52 windows, batches of 3: 52 divides by no world_size * 3, so global batches straddle epoch boundaries."""
     seq_len, batch_size = 8, 3
     starts = window_starts(np.array([40, 0, 77, 13, 150, 99, 31]), seq_len=seq_len, mode="concat")
     tokens = np.arange(int(starts[-1]) + seq_len, dtype=np.uint16)  # a window's first token is its start
     assert len(starts) == 52
-    per_shard = len(starts) // world_size
-    per_epoch = per_shard // batch_size
-    seen: dict[int, list[list[int]]] = {0: [], 1: []}
+    steps = -(-3 * 52 // (world_size * batch_size))  # enough steps for three epochs on every rank
+    per_rank = []
     for rank in range(world_size):
         stream = WindowStream(
             tokens, starts, seq_len=seq_len, batch_size=batch_size, seed=7, rank=rank, world_size=world_size
         )
-        batches = _take(stream, 2 * per_epoch)
-        assert [b["position"][1:3].tolist() for b in batches] == [
-            [e, batch_size * (i + 1)] for e in (0, 1) for i in range(per_epoch)
-        ]
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        batches = list(itertools.islice(iter(loader), steps))
+        assert [b["position"][2].item() for b in batches] == list(range(1, steps + 1))  # DataLoader order
         for b in batches:
             x = b["input_ids"]  # (B, T)
             assert x.dtype == torch.int64 and x.shape == (batch_size, seq_len)
             assert torch.equal(x, x[:, :1] + torch.arange(seq_len))
-        for epoch in (0, 1):
-            first_tokens = [
-                b["input_ids"][:, 0] for b in batches[epoch * per_epoch : (epoch + 1) * per_epoch]
-            ]
-            mine = torch.cat(first_tokens).tolist()
-            assert len(mine) == per_epoch * batch_size
-            seen[epoch].append(mine)
-    for epoch in (0, 1):
-        flat = [s for mine in seen[epoch] for s in mine]
-        assert len(flat) == len(set(flat)) == world_size * per_epoch * batch_size
-        assert set(flat) <= set(starts.tolist())
-    assert seen[0][0] != seen[1][0]  # reshuffled each epoch
+        per_rank.append([b["input_ids"][:, 0].tolist() for b in batches])
+    # Interleave as the ranks step together: step s, rank 0, rank 1, ...
+    run = [w for s in range(steps) for mine in per_rank for w in mine[s]]
+    epochs = [run[e * 52 : (e + 1) * 52] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(starts.tolist())  # every window once, none twice
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
 def test_window_stream_resume_and_too_small():
@@ -309,7 +305,7 @@ def test_window_stream_resume_and_too_small():
     make = functools.partial(
         WindowStream, tokens, starts, seq_len=seq_len, batch_size=5, seed=3, rank=1, world_size=2
     )
-    full = _take(make(), 12)  # 25 windows per shard -> 5 batches per epoch: crosses two epoch boundaries
+    full = _take(make(), 12)  # 24 windows, 10 per global batch: crosses epoch boundaries mid-batch
     for k in (0, 3, 4, 5, 8):
         resume = {"consumed": k + 1, "cursors": {0: full[k]["position"][1:].tolist()}}
         resumed = _take(make(resume=resume), 12 - k - 1)
@@ -317,7 +313,7 @@ def test_window_stream_resume_and_too_small():
             assert torch.equal(got["input_ids"], want["input_ids"]), k
             assert torch.equal(got["position"], want["position"]), k
     with pytest.raises(ValueError, match="cannot fill a batch"):
-        next(iter(WindowStream(tokens, starts[:9], seq_len=4, batch_size=5, seed=0, rank=0, world_size=2)))
+        WindowStream(tokens, starts[:9], seq_len=4, batch_size=5, seed=0, rank=0, world_size=2)
 
 
 def test_ensure_token_file_cache_keys_and_partial_builds(corpus, tmp_path):
