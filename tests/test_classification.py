@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,8 +258,93 @@ def test_group_by_length_covers_every_row_once(tiny_bert, functions, tmp_path):
                                   text_column="text_a", text_pair_column="text_b", batch_size=8,
                                   group_by_length=True, progress=False)  # fmt: skip
     dm.setup("fit")
-    seen = [i for b in dm.train_dataloader() for i in b["index"].tolist()]
-    assert sorted(seen) == list(range(50))
+    batches = list(dm.train_dataloader())
+    assert [len(b["index"]) for b in batches] == [8] * 7  # 50 rows and 6 padding rows, which carry label -100
+    kept = [i for b in batches for i, y in zip(b["index"].tolist(), b["labels"].tolist()) if y != -100]
+    assert sorted(kept) == list(range(50))
+    lengths = [
+        b["attention_mask"].sum(1).tolist() for b in batches[:-1]
+    ]  # the last one ends with padding rows
+    assert all(n == sorted(n, reverse=True) for n in lengths)  # each batch cut from a window sorted by length
+
+
+def without_dropout(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model with dropout off, so a resumed run can match an uninterrupted one step for step."""
+    from transformers import AutoConfig
+
+    shutil.copytree(model_dir, out)
+    config = AutoConfig.from_pretrained(out)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(out)
+    return out
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> train/loss over every CSV log of ``run`` (a resumed fit logs to a new version folder)."""
+    losses = {}
+    for path in sorted((run / RUN).glob("**/metrics.csv")):
+        with open(path) as f:
+            losses.update(
+                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+            )
+    return losses
+
+
+def resume_config(run: Path, model_dir: Path, train: str, *, batch_size: int = 8) -> str:
+    """37 rows grouped by length, a constant learning rate (a shorter first fit must not change the schedule)."""
+    run.mkdir()
+    return write_config(run, model_dir, model={"lr_schedule": "constant"}, limit_val_batches=0,
+                        data={"train_source": train, "val_source": train, "group_by_length": True,
+                              "batch_size": batch_size})  # fmt: skip
+
+
+def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, functions, tmp_path, monkeypatch):
+    """37 rows in batches of 8: 5 steps an epoch, the last one padded. A fit stopped after step 7 (its last
+    checkpoint written at the end of fit) and resumed with ``--ckpt_path last`` logs the losses of one 12-step fit."""
+    model_dir = without_dropout(tiny_bert[0], tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(functions, 0, 37))
+    losses = {}
+    for name, stops in (("whole", [12]), ("resumed", [7, 12])):
+        config = resume_config(tmp_path / name, model_dir, train)
+        monkeypatch.chdir(tmp_path / name)
+        for k, stop in enumerate(stops):
+            main(
+                [
+                    "fit",
+                    "--config",
+                    config,
+                    "--trainer.max_steps",
+                    str(stop),
+                    *(["--ckpt_path", "last"] if k else []),
+                ]
+            )
+        losses[name] = train_losses(tmp_path / name)
+    assert sorted(losses["whole"]) == sorted(losses["resumed"]) == list(range(12))
+    for step, loss in losses["whole"].items():
+        assert losses["resumed"][step] == pytest.approx(loss, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_process_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, functions, tmp_path):
+    """Under 2-process DDP, 4 rows per rank: every rank runs 5 steps an epoch (no hang at the padded last one), and
+    a fit resumed from the checkpoint written after step 7 logs the losses the uninterrupted fit logged."""
+    model_dir = without_dropout(tiny_bert[0], tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", pair_rows(functions, 0, 37))
+    config = Path(resume_config(tmp_path / "run", model_dir, train, batch_size=4))
+    spec = yaml.safe_load(config.read_text())
+    every_step = {"every_n_train_steps": 1, "save_top_k": -1, "filename": "{step}"}
+    spec["trainer"]["callbacks"][0]["init_args"].update(every_step)  # mid-epoch, at a train batch's end
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_cli(["fit", "--config", str(config), *DDP], config.parent)
+    whole = train_losses(config.parent)
+    step_7 = f"{RUN}/checkpoints/step=7.ckpt"
+    run_cli(["fit", "--config", str(config), "--ckpt_path", step_7, *DDP], config.parent)
+    logs = sorted((config.parent / RUN).glob("**/metrics.csv"))
+    with open(logs[-1]) as f:  # the resumed fit's own log
+        resumed = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert len(logs) == 2 and sorted(whole) == list(range(12)) and sorted(resumed) == list(range(7, 12))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(whole[step], abs=1e-6), step
 
 
 def test_label_names_round_trip_through_export(fitted, predicted, tmp_path, capsys):

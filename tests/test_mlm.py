@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,45 @@ def test_eval_perplexity_identical_on_one_and_two_processes(tiny_bert, tmp_path,
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert parse_ppl(proc.stdout) == pytest.approx(single, rel=1e-5)
+
+
+def without_dropout(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model with dropout off, so a resumed run can match an uninterrupted one step for step."""
+    from transformers import AutoConfig
+
+    shutil.copytree(model_dir, out)
+    config = AutoConfig.from_pretrained(out)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(out)
+    return out
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> train/loss over every CSV log under ``run`` (a resumed fit writes a new version folder)."""
+    losses = {}
+    for path in sorted(run.glob("**/metrics.csv")):
+        with open(path) as f:
+            losses.update(
+                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+            )
+    return losses
+
+
+def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, tmp_path, monkeypatch):
+    """37 chunks in batches of 8: 5 steps an epoch, the last one padded. A fit stopped after steps 3 and 8 and
+    resumed twice with ``--ckpt_path last`` trains on the same chunks with the same masks as one 12-step fit."""
+    model = without_dropout(tiny_bert[0], tmp_path / "model")
+    args = mlm_args((model, tiny_bert[1]), "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+                    "--model.init_args.lr_schedule", "constant")  # fmt: skip
+    runs = {}
+    for name, stops in (("whole", [12]), ("resumed", [3, 8, 12])):
+        monkeypatch.chdir((tmp_path / name).mkdir() or tmp_path / name)
+        for k, stop in enumerate(stops):
+            main(["fit", *args, "--trainer.max_steps", str(stop), *(["--ckpt_path", "last"] if k else [])])
+        runs[name] = train_losses(tmp_path / name)
+    assert sorted(runs["whole"]) == sorted(runs["resumed"]) and len(runs["whole"]) == 12
+    for step, loss in runs["whole"].items():
+        assert runs["resumed"][step] == pytest.approx(loss, abs=1e-6), step
 
 
 def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert, tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import glob
+import itertools
 
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lmrecipes.data.samplers import Draw, TrainPosition, fingerprint
 from lmrecipes.data.sources import open_source
 from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
@@ -21,7 +24,8 @@ def _local_files(spec: str) -> bool:
 
 
 class Examples(Dataset):
-    """Tokenized examples as dicts of lists; ``index`` is the row's position in its split (for ordered predictions)."""
+    """Tokenized examples as dicts of lists; ``index`` is the row's position in its split (for ordered predictions).
+    A padding draw of the exactly-once sampler (``keep`` False, see data/samplers.py) comes with label -100."""
 
     def __init__(self, features: list[dict]):
         self.features = features
@@ -29,8 +33,17 @@ class Examples(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.features[i]
+    def __getitem__(self, item: int | Draw) -> dict:
+        i, keep = item if isinstance(item, tuple) else (item, True)
+        return self.features[i] if keep else {**self.features[i], "labels": IGNORE_INDEX}
+
+    def fingerprint(self) -> str:
+        """A hash of every row's tokens and label, in order."""
+        rows = self.features
+        ids = np.fromiter(itertools.chain.from_iterable(f["input_ids"] for f in rows), dtype=np.int64)
+        lengths = np.array([len(f["input_ids"]) for f in rows], dtype=np.int64)
+        labels = np.array([f.get("labels", IGNORE_INDEX) for f in rows], dtype=np.int64)
+        return fingerprint(ids, lengths, labels)
 
 
 class ShardSampler(DistributedSampler):
@@ -72,6 +85,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         pad_to_max_length: bool = False,
         pad_to_multiple_of: int | None = None,
         group_by_length: bool = False,
+        shuffle_seed: int | None = None,
         max_examples: int | None = None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
@@ -104,6 +118,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             pad_to_multiple_of: pad dynamic batches to a multiple of this; None: 8 under 16-bit mixed precision
                 (tensor cores), else no rounding; 1 turns rounding off.
             group_by_length: batch examples of similar length together (less padding, faster; still shuffled).
+            shuffle_seed: seed of the training order (epoch e's order depends on it and e only); None: the run's
+                ``seed_everything`` value.
             max_examples: read at most this many rows per split.
             batch_size: examples per batch per device (the course: 8).
             val_batch_size: evaluation batch size (default ``batch_size``).
@@ -125,6 +141,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._rows: dict[str, list[dict]] = {}
         self._label_names = list(label_names) if label_names else None
         self._data: dict[str, Examples] = {}
+        self._position = TrainPosition()
 
     # values linked into the model by the CLI
     @property
@@ -257,16 +274,28 @@ class ClassificationDataModule(pl.LightningDataModule):
                           num_workers=self.hparams.num_workers)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
+        """Every training row once per epoch over all ranks, equal batch counts per rank, resumable mid-epoch."""
         h = self.hparams
         data = self._data["train"]
-        sampler = None
-        if h.group_by_length:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
+        lengths = [len(f["input_ids"]) for f in data.features] if h.group_by_length else None
+        sampler = self._position.sampler(data, trainer=self.trainer, batch_size=h.batch_size,
+                                         seed=h.shuffle_seed, signature={"data": data.fingerprint()},
+                                         lengths=lengths)  # fmt: skip
+        return DataLoader(data, batch_size=h.batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0)  # fmt: skip
 
-            lengths = [len(f["input_ids"]) for f in data.features]
-            sampler = LengthGroupedSampler(h.batch_size, lengths=lengths)
-        return DataLoader(data, batch_size=h.batch_size, shuffle=sampler is None, sampler=sampler,
-                          collate_fn=self.collate, num_workers=h.num_workers)  # fmt: skip
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Lightning transfers a training batch right before its step: count the batches trained on, for resume
+        if self.trainer is not None and self.trainer.training:
+            self._position.count()
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self._position.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "position" in state:
+            self._position.load_state_dict(state["position"])
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

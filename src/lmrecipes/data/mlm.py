@@ -23,13 +23,16 @@ from lmrecipes.data.masking import (
 )
 from lmrecipes.data.packing import chunk_with_word_ids
 from lmrecipes.data.pretokenize import whole_document_backend
+from lmrecipes.data.samplers import Draw, TrainPosition, fingerprint
 from lmrecipes.data.sources import SourceTree, open_source, sanitize_text
 from lmrecipes.data.stream import is_heldout, path_is_heldout
+from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
 
 
 class ChunkDataset(torch.utils.data.Dataset):
-    """Map-style chunks ``{"input_ids": (T,), "word_ids": (T,)}``; Lightning adds a DistributedSampler under DDP."""
+    """Map-style chunks ``{"input_ids": (T,), "word_ids": (T,), "keep": ()}``; ``keep`` is False for the padding
+    draws of the exactly-once sampler (see data/samplers.py), whose labels the masking then clears."""
 
     def __init__(self, input_ids: torch.Tensor, word_ids: torch.Tensor):
         self.input_ids, self.word_ids = input_ids, word_ids
@@ -37,8 +40,9 @@ class ChunkDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "word_ids": self.word_ids[i]}
+    def __getitem__(self, item: int | Draw) -> dict:
+        i, keep = item if isinstance(item, tuple) else (item, True)
+        return {"input_ids": self.input_ids[i], "word_ids": self.word_ids[i], "keep": torch.tensor(keep)}
 
 
 def load_fast_tokenizer(name: str):
@@ -79,6 +83,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         wwm_probability: float = 0.2,
         mask_seed: int = 0,
         eval_mask_seed: int = 1234,
+        shuffle_seed: int | None = None,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -106,6 +111,8 @@ class MaskedTextDataModule(pl.LightningDataModule):
             wwm_probability: whole-word masking rate (the course: 0.2).
             mask_seed: seed of the training masks (each batch's mask depends on it, the rank and the batch count).
             eval_mask_seed: seed of the evaluation masks, drawn once per chunk so perplexity is reproducible.
+            shuffle_seed: seed of the training order (epoch e's order depends on it and e only); None: the run's
+                ``seed_everything`` value.
             batch_size: chunks per batch per device.
             val_batch_size: evaluation batch size (default ``batch_size``).
             num_workers: DataLoader workers.
@@ -123,7 +130,8 @@ class MaskedTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.chunk_size={chunk_size} exceeds the tokenizer's model_max_length={limit}")
         self._train: ChunkDataset | None = None
         self._val_batches: list[dict] | None = None
-        self._train_batches = 0
+        self._train_batches = 0  # every rank's training batches so far: the mask generator's counter
+        self._position = TrainPosition()
 
     # values linked into the model by the CLI
     @property
@@ -210,14 +218,16 @@ class MaskedTextDataModule(pl.LightningDataModule):
         ]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._train,
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        """Every training chunk once per epoch over all ranks, equal batch counts per rank, resumable mid-epoch."""
+        h = self.hparams
+        signature = {
+            "mask_seed": h.mask_seed,
+            "data": fingerprint(self._train.input_ids, self._train.word_ids),
+        }
+        sampler = self._position.sampler(self._train, trainer=self.trainer, batch_size=h.batch_size,
+                                         seed=h.shuffle_seed, signature=signature)  # fmt: skip
+        return DataLoader(self._train, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
+                          persistent_workers=h.num_workers > 0)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
@@ -227,9 +237,12 @@ class MaskedTextDataModule(pl.LightningDataModule):
     test_dataloader = val_dataloader
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Mask training batches on the device, vectorised, from a generator seeded by (seed, rank, batch count)."""
+        """Mask training batches on the device, vectorised, from a generator seeded by (seed, rank, batch count).
+
+        Lightning transfers a training batch right before its step, so this also counts the batches trained on."""
         if "labels" in batch or self.trainer is None or not self.trainer.training:
             return batch
+        self._position.count()
         h = self.hparams
         ids = batch["input_ids"]  # (B, T)
         rank = self.trainer.global_rank
@@ -245,10 +258,14 @@ class MaskedTextDataModule(pl.LightningDataModule):
         else:
             special = special_tokens_mask(ids, self.tokenizer)
             masked, labels = mask_tokens(ids, special_mask=special, probability=h.mlm_probability, **common)
+        # padding draws are masked like the others (same generator stream on every rank) but count for nothing
+        labels = labels.masked_fill(~batch["keep"][:, None], IGNORE_INDEX)  # (B, T)
         return {"input_ids": masked, "labels": labels}
 
     def state_dict(self) -> dict:
-        return {"train_batches": self._train_batches}
+        return {"train_batches": self._train_batches, "position": self._position.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._train_batches = state["train_batches"]
+        if "position" in state:  # checkpoints from before the exactly-once sampler have none
+            self._position.load_state_dict(state["position"])

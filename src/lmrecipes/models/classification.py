@@ -96,7 +96,13 @@ class SequenceClassifier(RecipeModule):
                                label_smoothing=self.hparams.label_smoothing)  # fmt: skip
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self(batch), batch["labels"])
+        logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
+        # Padding rows (label -100) fill the epoch's last batch so every DDP rank steps; a batch of nothing but
+        # padding has a NaN mean loss, so it contributes a zero loss (and zero gradients) instead.
+        if (labels != IGNORE_INDEX).any():
+            loss = self._loss(logits, labels)
+        else:
+            loss = logits.sum() * 0.0
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -1,0 +1,191 @@
+"""Exactly-once, resumable training order for the map-style recipes (masked LM, classification).
+
+Left to itself, Lightning wraps a plain loader under DDP in a sampler that repeats samples to even out the ranks,
+and on ``--ckpt_path`` restarts a plain loader's epoch from the start. A ``DistributedSampler`` subclass it leaves
+alone, so the order is owned here instead:
+
+- one permutation per epoch from (seed, epoch) (optionally grouped by length), never the global RNG;
+- cut into ``ceil(N / (world * batch))`` global batches; the last is filled up with padding draws (a real index with
+  ``keep=False``) so every rank runs the same number of full batches and no sample is dropped or repeated;
+- rank r takes every world-th draw of each global batch, so the padding spreads over the ranks;
+- which epoch, and how much of it is done, follows the batches actually trained on (:class:`TrainPosition`, saved in
+  the DataModule's state), not Lightning's epoch counter: after resuming from a checkpoint written at the end of a
+  fit (``max_steps``), Lightning counts the interrupted epoch as finished yet still runs only the batches it had left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from lmrecipes.data.masking import batch_generator
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+# Length grouping sorts windows of up to this many global batches, and of at most a quarter of the data so a small
+# set stays shuffled (transformers' LengthGroupedSampler: the same rule over per-device batches).
+GROUP_BATCHES = 50
+
+
+class Draw(NamedTuple):
+    """One sampled row: its dataset index and whether it counts (False for the padding of the last global batch)."""
+
+    index: int
+    keep: bool
+
+
+def epoch_order(
+    size: int, *, seed: int, epoch: int, lengths: list[int] | None = None, group: int = 1
+) -> list[int]:
+    """A permutation of ``range(size)`` drawn from (seed, epoch); with ``lengths``, each window of ``group`` draws is
+    then sorted by length, longest first (similar lengths batched together, the windows still shuffled)."""
+    order = torch.randperm(size, generator=batch_generator(seed, epoch)).tolist()
+    if lengths is None:
+        return order
+    if len(lengths) != size:
+        raise ValueError(f"{len(lengths)} lengths for a dataset of {size} rows")
+    windows = (order[i : i + group] for i in range(0, size, group))
+    return [i for window in windows for i in sorted(window, key=lambda j: -lengths[j])]
+
+
+def rank_draws(order: list[int], *, batch_size: int, rank: int, world_size: int) -> list[Draw]:
+    """Rank ``rank``'s draws for an epoch: ``steps * batch_size`` of them, every row of ``order`` once over all ranks."""
+    per_step = world_size * batch_size
+    steps = math.ceil(len(order) / per_step)
+    draws = [Draw(i, True) for i in order]
+    draws += [Draw(order[k % len(order)], False) for k in range(steps * per_step - len(order))]
+    return [d for s in range(steps) for d in draws[s * per_step + rank : (s + 1) * per_step : world_size]]
+
+
+class TrainPosition:
+    """How far training got in the epoch order: the data epoch and the batches of it trained on (all ranks alike).
+
+    The DataModule counts a batch in ``on_after_batch_transfer`` during training (Lightning transfers a batch right
+    before its step, never ahead) and saves this with a signature of what the order depends on."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, 0
+        self.signature: dict = {}
+        self._saved: dict | None = None
+
+    def count(self) -> None:
+        """One more batch trained on."""
+        self.batches += 1
+
+    def begin(self, steps: int) -> tuple[int, int]:
+        """(epoch, batches of it done) for a new pass over the data: the next epoch once all ``steps`` are done."""
+        if self.batches >= steps:
+            self.epoch, self.batches = self.epoch + 1, 0
+        return self.epoch, self.batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "signature": self.signature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved = state  # checked against the run's settings once the training set is known
+
+    def resume(self, signature: dict) -> None:
+        """Take over a loaded position if the run reads the same data the same way; else raise ``ValueError``."""
+        self.signature = signature
+        if self._saved is None:
+            return
+        saved, self._saved = self._saved, None
+        before = saved["signature"]
+        changed = {k: (before.get(k), v) for k, v in signature.items() if before.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was written with different data settings ({detail})."
+                " Resume with the original settings, or start a new run from the weights."
+            )
+        self.epoch, self.batches = saved["epoch"], saved["batches"]
+
+    def sampler(self, dataset: Dataset, *, trainer: pl.Trainer | None, batch_size: int, seed: int | None, signature: dict,
+                lengths: list[int] | None = None) -> ExactlyOnceSampler:  # fmt: skip
+        """This rank's training sampler, driven by this position (a resumed run goes on where it stopped).
+
+        Args:
+            dataset: the map-style training set.
+            trainer: the Lightning trainer (rank and world size); None: one process.
+            batch_size: rows per batch per rank.
+            seed: shuffle seed; None: the run's ``seed_everything`` value (Lightning's ``PL_GLOBAL_SEED``, else 0).
+            signature: what else the order or the batches depend on (a data fingerprint, a mask seed...).
+            lengths: row lengths to group batches by (None: plain shuffle).
+        """
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.resume({"batch_size": batch_size, "world_size": world, "shuffle_seed": seed, "rows": len(dataset),
+                     "group_by_length": lengths is not None, **signature})  # fmt: skip
+        return ExactlyOnceSampler(dataset, batch_size=batch_size, rank=rank, world_size=world, seed=seed,
+                                  lengths=lengths, position=self)  # fmt: skip
+
+
+class ExactlyOnceSampler(DistributedSampler):
+    """Yields :class:`Draw` tuples (the dataset's ``__getitem__`` takes them): ``steps`` full batches per rank.
+
+    ``len()`` is always the whole epoch, which is how Lightning counts a resumed one (batches done + batches left)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        lengths: list[int] | None = None,
+        position: TrainPosition | None = None,
+    ):
+        """
+        Args:
+            dataset: the map-style training set.
+            batch_size: rows per batch per rank.
+            rank: this process's rank.
+            world_size: number of processes.
+            seed: shuffle seed; epoch e's order depends on (seed, e) only.
+            lengths: row lengths to group batches by (None: plain shuffle).
+            position: the trained-batch count that picks the epoch and skips its done batches at each pass; None:
+                the epoch comes from ``set_epoch`` and each pass yields all of it.
+        """
+        super().__init__(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.batch_size, self.lengths, self.position = batch_size, lengths, position
+        # the last global batch is padded, not dropped
+        self.steps = math.ceil(len(dataset) / (world_size * batch_size))
+
+    def draws(self, epoch: int) -> list[Draw]:
+        """This rank's draws for a whole epoch."""
+        per_step = self.num_replicas * self.batch_size
+        group = per_step * max(1, min(len(self.dataset) // (4 * per_step), GROUP_BATCHES))
+        order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, lengths=self.lengths, group=group)
+        return rank_draws(order, batch_size=self.batch_size, rank=self.rank, world_size=self.num_replicas)
+
+    def __iter__(self):
+        # The pass's epoch comes from the trained-batch count, not set_epoch: Lightning's epoch runs one ahead after
+        # resuming from a checkpoint written at the end of a fit, and with workers a resumed run's first pass is
+        # drawn when Lightning builds the loader's iterator, before it calls set_epoch.
+        done = 0
+        if self.position is not None:
+            self.epoch, done = self.position.begin(self.steps)
+        return iter(self.draws(self.epoch)[done * self.batch_size :])
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+
+def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
+    """A short hash of the training rows' tokens, so a resume notices that the data itself changed."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
