@@ -53,15 +53,23 @@ def read_log(path: str | Path) -> dict[int, list[dict]]:
 
 
 class SignalAt(Callback):
-    """After optimizer step ``step`` (global step), send ``signal_name`` to this process (on ``rank`` only, or
-    on every rank when ``rank`` is None)."""
+    """Send ``signal_name`` to this process (on ``rank`` only, or on every rank when ``rank`` is None) at the end
+    of the first batch that leaves the global step at ``step``, or of batch ``batch`` (which may fall in the middle
+    of a gradient accumulation window)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", rank: int | None = None) -> None:
-        self.step, self.signal_name, self.rank = step, signal_name, rank
+    def __init__(
+        self,
+        step: int | None = None,
+        batch: int | None = None,
+        signal_name: str = "SIGTERM",
+        rank: int | None = None,
+    ) -> None:
+        self.step, self.batch, self.signal_name, self.rank = step, batch, signal_name, rank
         self._sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._sent or trainer.global_step != self.step:
+        due = trainer.global_step == self.step if self.batch is None else batch_idx == self.batch
+        if self._sent or not due:
             return
         if self.rank is None or trainer.global_rank == self.rank:
             self._sent = True

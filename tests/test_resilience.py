@@ -48,8 +48,11 @@ def callbacks_config(path: Path, log: Path, *extra: dict) -> str:
     return str(path)
 
 
-def signal_at(step: int, name: str, rank: int | None = None) -> dict:
-    return {"class_path": "faults.SignalAt", "init_args": {"step": step, "signal_name": name, "rank": rank}}
+def signal_at(
+    name: str, *, step: int | None = None, batch: int | None = None, rank: int | None = None
+) -> dict:
+    args = {"step": step, "batch": batch, "signal_name": name, "rank": rank}
+    return {"class_path": "faults.SignalAt", "init_args": args}
 
 
 def chain_args(code_tree: Path, run: Path, tok: Path, config: str, *extra: str) -> list[str]:
@@ -78,8 +81,10 @@ def assert_same_batches_and_losses(straight: dict, chained: dict) -> None:
 
 
 def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None) -> Path:
-    """Uninterrupted 8 steps vs: SIGTERM after step 3 (save, exit 143) -> resume, SIGKILL after step 5 (last save:
-    step 4) -> last.ckpt truncated as by a crash -> resume from the newest valid checkpoint to step 8."""
+    """Uninterrupted 8 steps (accumulating 2 batches per step, saving every 2 steps) vs a run that is stopped and
+    resumed three times: SIGTERM on ``sigterm_rank`` in the middle of step 4's accumulation window (all ranks
+    finish step 4, save last.ckpt, exit 143) -> resume, SIGKILL on every rank after step 6 (nothing saved since
+    step 4) -> last.ckpt truncated as by a crash mid-write -> resume falls back to step2.ckpt and runs to step 8."""
     tok = tmp_path / "tok"
     straight, chain = tmp_path / "straight", tmp_path / "chain"
     for run in (straight, chain):
@@ -89,15 +94,17 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
     assert done.returncode == 0, done.stderr[-3000:]
 
     log = chain / "log"
-    term = callbacks_config(chain / "term.yaml", log, signal_at(3, "SIGTERM", sigterm_rank))
+    term = callbacks_config(chain / "term.yaml", log, signal_at("SIGTERM", batch=6, rank=sigterm_rank))
     first = run_cli(chain_args(code_tree, chain, tok, term, *launch), chain)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
-    assert torch.load(chain / CKPTS / "last.ckpt", weights_only=True)["global_step"] == 3
+    last = chain / CKPTS / "last.ckpt"
+    # Batch 6 is in the middle of step 4's window: step 4 is finished first, then saved.
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert "stopped by SIGTERM after step 4" in first.stderr + first.stdout
 
-    kill = callbacks_config(chain / "kill.yaml", log, signal_at(5, "SIGKILL"))
+    kill = callbacks_config(chain / "kill.yaml", log, signal_at("SIGKILL", step=6))
     second = run_cli(chain_args(code_tree, chain, tok, kill, *launch, "--ckpt_path", "last"), chain)
     assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
-    last = chain / CKPTS / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a crash mid-write, without atomic saves
 
@@ -107,6 +114,9 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
     third = run_cli(chain_args(code_tree, chain, tok, resumed, *launch, *new_seed), chain)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "last.ckpt: truncated or corrupt" in third.stderr and "resuming from" in third.stderr
+    assert f"resuming from {chain / CKPTS / 'step2.ckpt'}" in third.stderr  # no step4.ckpt: preempted at 4
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert (chain / CKPTS / "last.ckpt.corrupt").is_file()  # kept for inspection, out of the way
     assert "seed_everything changed from 42 to 7" in third.stderr
     assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
     return straight
@@ -169,8 +179,15 @@ def test_corrupt_checkpoints_are_detected_and_last_falls_back(tmp_path):
     assert "missing state_dict" in checkpoint_problem(tmp_path / "plain.pt")
     with pytest.warns(UserWarning, match="last.ckpt: truncated or corrupt"):
         assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "step4.ckpt")
-    with pytest.raises(ValueError, match=r"step6.ckpt cannot be resumed from: CRC.*newest valid.*step4.ckpt"):
-        resolve_ckpt_path(str(tmp_path / "step6.ckpt"), None)
+    with pytest.warns(
+        UserWarning, match=r"step6.ckpt: CRC check failed .* \(renamed to step6.ckpt.corrupt\)"
+    ):
+        assert resolve_ckpt_path("last", tmp_path, quarantine=True) == str(tmp_path / "step4.ckpt")
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == ["last.ckpt.corrupt", "step6.ckpt.corrupt"]
+    with pytest.raises(
+        ValueError, match=r"step6.ckpt.corrupt cannot be resumed from: CRC.*newest valid.*step4"
+    ):
+        resolve_ckpt_path(str(tmp_path / "step6.ckpt.corrupt"), None)
     assert resolve_ckpt_path("last", tmp_path / "missing") is None  # first launch of a requeued job
     assert resolve_ckpt_path(str(tmp_path / "step4.ckpt"), None) == str(tmp_path / "step4.ckpt")
 

@@ -86,30 +86,37 @@ def candidates(folder: str | Path) -> list[Path]:
     return sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
-def newest_valid(folder: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint in ``folder`` that passes ``checkpoint_problem``, and what was wrong with newer ones."""
+def newest_valid(folder: str | Path, *, quarantine: bool = False) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``folder`` that passes ``checkpoint_problem``, and what was wrong with newer ones.
+
+    ``quarantine`` renames each unusable one to ``<name>.corrupt``: kept for inspection, but no longer in the way
+    of the next ``last.ckpt`` (ModelCheckpoint would otherwise write ``last-v1.ckpt`` beside it).
+    """
     skipped = []
     for path in candidates(folder):
         problem = checkpoint_problem(path)
         if problem is None:
             return path, skipped
+        if quarantine:
+            path.replace(path.with_name(path.name + ".corrupt"))
+            problem += f" (renamed to {path.name}.corrupt)"
         skipped.append(f"{path}: {problem}")
     return None, skipped
 
 
-def resolve_ckpt_path(ckpt_path: str | None, folder: str | None) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, folder: str | None, *, quarantine: bool = False) -> str | None:
     """The checkpoint a run should resume from, checked before training starts.
 
-    ``last``: the newest valid checkpoint in the ModelCheckpoint folder (corrupt ones are named and skipped), or
-    None (start from scratch) when there is none yet. An explicit path must be valid: a corrupt one is an error
-    that names the newest valid alternative.
+    ``last``: the newest valid checkpoint in the ModelCheckpoint folder (unusable ones are named, skipped and, with
+    ``quarantine``, renamed), or None (start from scratch) when there is none yet. An explicit path must be
+    valid: a corrupt one is an error that names the newest valid alternative.
     """
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
         return ckpt_path
     if ckpt_path == "last":
         if folder is None or not Path(folder).is_dir():
             return None
-        path, skipped = newest_valid(folder)
+        path, skipped = newest_valid(folder, quarantine=quarantine)
         if skipped:
             rank_zero_warn(
                 "skipped unusable checkpoints:\n  " + "\n  ".join(skipped)

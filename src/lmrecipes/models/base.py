@@ -8,6 +8,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
@@ -55,6 +56,13 @@ class RecipeModule(pl.LightningModule):
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:
             sync_scheduler_lr(config.scheduler)
+        # Lightning 2.6 does not restore ModelCheckpoint's last saved step, so after resuming at step s (a multiple
+        # of every_n_train_steps) with gradient accumulation it saves again after the first micro-batch, in the
+        # middle of an accumulation window: that checkpoint has lost the micro-batch's gradient and does not
+        # resume exactly. The step we resumed from is saved already.
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and self.trainer.global_step > 0:
+                callback._last_global_step_saved = self.trainer.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from lmrecipes.export import record_class
