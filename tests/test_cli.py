@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,12 +140,29 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok"), "--trainer.limit_val_batches", "0"]
     main(fit_args(code_tree, tmp_path, *tokenizer, "--trainer.max_steps", "2"))
+    resume = [*tokenizer, "--ckpt_path", "last"]
     with pytest.raises(ValueError, match=r"batch_size: 4 -> 8"):
-        main(
-            fit_args(
-                code_tree, tmp_path, *tokenizer, "--ckpt_path", "last", "--data.init_args.batch_size", "8"
-            )
-        )
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.batch_size", "8"))
+    with pytest.raises(ValueError, match=r"seq_len: 32 -> 16"):
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.seq_len", "16"))
+    with pytest.raises(ValueError, match=r"shuffle_seed: 0 -> 5"):
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.shuffle_seed", "5"))
+    edited = tmp_path / "edited"
+    shutil.copytree(code_tree, edited)
+    next(edited.rglob("*.py")).write_text(
+        "x = 1\n"
+    )  # same files, one changed: a different source fingerprint
+    with pytest.raises(ValueError, match=r"source: '\w+' -> '\w+'"):
+        main(fit_args(edited, tmp_path, *resume))
+    # A different world size: the checkpoint holds one rank's position, a 2-process run needs two.
+    from lmrecipes.data.clm import CodeDataModule
+
+    saved = torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
+    hparams = {k: v for k, v in saved["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    data = CodeDataModule(**hparams)
+    data.load_state_dict(saved["CodeDataModule"])
+    with pytest.raises(ValueError, match=r"world_size: 1 -> 2"):
+        data._resume_for(0, 2)
 
 
 def test_ckpt_path_last_without_save_last_is_an_error(code_tree, tmp_path, monkeypatch):
