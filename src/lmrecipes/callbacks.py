@@ -100,9 +100,12 @@ class RecipeReport(pl.Callback):
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
         self.before: float | None = None
+        self.start_step = 0
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.global_step == 0 and trainer.datamodule is not None and self._limit(trainer) != 0:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Not on_fit_start: a resumed run's step is restored only after it (it would call step 0 "before training").
+        if trainer.datamodule is not None and self._limit(trainer) != 0:
+            self.start_step = trainer.global_step
             self.before = evaluate_loss(pl_module, trainer.datamodule.val_dataloader(), self._limit(trainer))
 
     @rank_zero_only
@@ -117,12 +120,15 @@ class RecipeReport(pl.Callback):
         if self.before is not None:
             lines.insert(
                 0,
-                f"validation perplexity of the untrained model: {math.exp(self.before):.2f} "
+                f"validation perplexity {self._start_label()}: {math.exp(self.before):.2f} "
                 f"(loss {self.before:.4f})",
             )
         if self.export_dir:
             lines += self._export_and_sample(trainer, pl_module)
         rank_zero_info("\n".join(["", "=" * 72, *lines, "=" * 72]))
+
+    def _start_label(self) -> str:
+        return "before training" if self.start_step == 0 else f"at step {self.start_step} (resumed)"
 
     def _limit(self, trainer) -> int | None:
         if self.max_batches is not None:
