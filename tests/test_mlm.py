@@ -131,6 +131,34 @@ def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, tmp_path
         assert runs["resumed"][step] == pytest.approx(loss, abs=1e-6), step
 
 
+@pytest.mark.slow
+def test_two_process_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, tmp_path):
+    """2-process DDP, 37 chunks, 8 per rank: 3 steps an epoch (the last padded on both ranks). A fit resumed from
+    the checkpoint of step 4 (mid epoch 2) logs the uninterrupted fit's losses for steps 5-8, dropout on."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": "runs/mlm-offline/checkpoints", "every_n_train_steps": 1,
+                                "save_top_k": -1, "filename": "{step}"}}]  # fmt: skip
+    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+                              "--trainer.max_steps", "8", "--trainer.callbacks", json.dumps(callbacks)),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--quiet"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for resume in ([], ["--ckpt_path", "runs/mlm-offline/checkpoints/step=4.ckpt"]):
+        cmd = [sys.executable, "-m", "lmrecipes", *args, *resume]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted(tmp_path.glob("runs/mlm-offline/csv/*/metrics.csv"))
+    losses = []
+    for path in logs:
+        with open(path) as f:
+            losses.append(
+                {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+            )
+    whole, resumed = losses
+    assert sorted(whole) == list(range(8)) and sorted(resumed) == list(range(4, 8))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(whole[step], abs=1e-6), step
+
+
 def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert, tmp_path):
     """A tokenizer.json saved with truncation on (MiniLM's: 128) must not cut documents before chunking."""
     from transformers import AutoTokenizer
