@@ -63,8 +63,12 @@ class SignalAt(Callback):
         batch: int | None = None,
         signal_name: str = "SIGTERM",
         rank: int | None = None,
+        group: bool = False,
     ) -> None:
         self.step, self.batch, self.signal_name, self.rank = step, batch, signal_name, rank
+        self.group = (
+            group  # the whole process group, DataLoader workers included, as SLURM signals a job step
+        )
         self._sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -73,7 +77,8 @@ class SignalAt(Callback):
             return
         if self.rank is None or trainer.global_rank == self.rank:
             self._sent = True
-            os.kill(os.getpid(), getattr(signal, self.signal_name))
+            signum = getattr(signal, self.signal_name)
+            os.killpg(os.getpgid(0), signum) if self.group else os.kill(os.getpid(), signum)
 
 
 class PoisonOnce(Callback):

@@ -32,8 +32,9 @@ CKPTS = "runs/clm-offline/checkpoints"
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1"}
+    # A session of its own: a signal to the run's process group must not reach pytest.
     return subprocess.run([sys.executable, "-m", "lmrecipes", *args, "--quiet"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, start_new_session=True)  # fmt: skip
 
 
 def callbacks_config(path: Path, log: Path, *extra: dict) -> str:
@@ -49,9 +50,14 @@ def callbacks_config(path: Path, log: Path, *extra: dict) -> str:
 
 
 def signal_at(
-    name: str, *, step: int | None = None, batch: int | None = None, rank: int | None = None
+    name: str,
+    *,
+    step: int | None = None,
+    batch: int | None = None,
+    rank: int | None = None,
+    group: bool = False,
 ) -> dict:
-    args = {"step": step, "batch": batch, "signal_name": name, "rank": rank}
+    args = {"step": step, "batch": batch, "signal_name": name, "rank": rank, "group": group}
     return {"class_path": "faults.SignalAt", "init_args": args}
 
 
@@ -80,7 +86,9 @@ def assert_same_batches_and_losses(straight: dict, chained: dict) -> None:
             assert y["loss"] == pytest.approx(x["loss"], abs=1e-6), where
 
 
-def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None) -> Path:
+def stop_resume_chain(
+    code_tree: Path, tmp_path: Path, *launch: str, sigterm_rank: int | None, group: bool = False
+) -> Path:
     """Uninterrupted 8 steps (accumulating 2 batches per step, saving every 2 steps) vs a run that is stopped and
     resumed three times: SIGTERM on ``sigterm_rank`` in the middle of step 4's accumulation window (all ranks
     finish step 4, save last.ckpt, exit 143) -> resume, SIGKILL on every rank after step 6 (nothing saved since
@@ -94,7 +102,9 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
     assert done.returncode == 0, done.stderr[-3000:]
 
     log = chain / "log"
-    term = callbacks_config(chain / "term.yaml", log, signal_at("SIGTERM", batch=6, rank=sigterm_rank))
+    term = callbacks_config(
+        chain / "term.yaml", log, signal_at("SIGTERM", batch=6, rank=sigterm_rank, group=group)
+    )
     first = run_cli(chain_args(code_tree, chain, tok, term, *launch), chain)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     last = chain / CKPTS / "last.ckpt"
@@ -124,7 +134,8 @@ def stop_resume_chain(code_tree: Path, tmp_path: Path, *launch: str, sigterm_ran
 
 @pytest.mark.slow
 def test_sigterm_sigkill_and_corrupt_last_resume_exactly_one_process_two_workers(code_tree, tmp_path):
-    stop_resume_chain(code_tree, tmp_path, "--data.init_args.num_workers", "2", sigterm_rank=0)
+    # SIGTERM to the whole process group, DataLoader workers included (as SLURM does): the workers ignore it.
+    stop_resume_chain(code_tree, tmp_path, "--data.init_args.num_workers", "2", sigterm_rank=0, group=True)
 
 
 def test_nonfinite_loss_stop_policy_names_the_step_and_rank(code_tree, tmp_path):
@@ -157,12 +168,12 @@ def test_atomic_save_failure_keeps_the_previous_checkpoint(tmp_path):
         io.save_checkpoint(big, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
-    assert checkpoint_problem(target) is None
+    assert checkpoint_problem(target, training=False) is None
 
 
 def test_corrupt_checkpoints_are_detected_and_last_falls_back(tmp_path):
     io = AtomicCheckpointIO()
-    good = {"state_dict": {"w": torch.arange(1000.0)}, "global_step": 4, "loops": {}}
+    good = {"state_dict": {"w": torch.arange(1000.0)}, "global_step": 4, "loops": {}, "optimizer_states": []}
     io.save_checkpoint(good, tmp_path / "step4.ckpt")
     io.save_checkpoint({**good, "global_step": 6}, tmp_path / "step6.ckpt")
     io.save_checkpoint({**good, "global_step": 6}, tmp_path / "last.ckpt")
@@ -184,11 +195,21 @@ def test_corrupt_checkpoints_are_detected_and_last_falls_back(tmp_path):
     ):
         assert resolve_ckpt_path("last", tmp_path, quarantine=True) == str(tmp_path / "step4.ckpt")
     assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == ["last.ckpt.corrupt", "step6.ckpt.corrupt"]
-    with pytest.raises(
-        ValueError, match=r"step6.ckpt.corrupt cannot be resumed from: CRC.*newest valid.*step4"
-    ):
+    with pytest.raises(ValueError, match=r"step6.ckpt.corrupt cannot be used: CRC.*newest valid.*step4"):
         resolve_ckpt_path(str(tmp_path / "step6.ckpt.corrupt"), None)
     assert resolve_ckpt_path("last", tmp_path / "missing") is None  # first launch of a requeued job
+    assert resolve_ckpt_path("last", "s3://bucket/run/checkpoints") == "last"  # Lightning's fsspec lookup
+
+    # Of another kind, not damaged: named and skipped, never renamed.
+    weights_only = {k: v for k, v in good.items() if k != "optimizer_states"}
+    io.save_checkpoint(weights_only, tmp_path / "weights.ckpt")
+    io.save_checkpoint({**good, "hyper_parameters": {"path": Path("x")}}, tmp_path / "pathlib.ckpt")
+    assert "missing optimizer_states" in checkpoint_problem(tmp_path / "weights.ckpt")
+    assert checkpoint_problem(tmp_path / "weights.ckpt", training=False) is None  # fine for validate/test
+    assert "not loadable with weights_only=True" in checkpoint_problem(tmp_path / "pathlib.ckpt")
+    with pytest.warns(UserWarning, match="pathlib.ckpt: not loadable with weights_only=True"):
+        assert resolve_ckpt_path("last", tmp_path, quarantine=True) == str(tmp_path / "step4.ckpt")
+    assert (tmp_path / "weights.ckpt").is_file() and (tmp_path / "pathlib.ckpt").is_file()
     assert resolve_ckpt_path(str(tmp_path / "step4.ckpt"), None) == str(tmp_path / "step4.ckpt")
 
 

@@ -172,6 +172,22 @@ def test_changed_settings_refuse_to_resume():
         resumed.sampler(Rows(37), trainer=two, batch_size=4, seed=7, signature={"data": "abc"})
 
 
+def test_default_seed_keeps_the_order_it_started_with_when_the_run_seed_changes(monkeypatch):
+    """shuffle_seed None follows seed_everything, which LightningCLI may draw anew at each launch: a resume keeps
+    the saved seed instead of refusing (or silently reshuffling)."""
+    trainer = SimpleNamespace(global_rank=0, world_size=1)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "11")
+    position = TrainPosition()
+    first = position.sampler(Rows(37), trainer=trainer, batch_size=4, seed=None, signature={})
+    position.count()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "12")
+    resumed = TrainPosition()
+    resumed.load_state_dict(roundtrip(position.state_dict()))
+    again = resumed.sampler(Rows(37), trainer=trainer, batch_size=4, seed=None, signature={})
+    assert again.seed == first.seed == 11
+    assert list(again) == list(first)  # the same epoch order, one batch in (both positions count one batch)
+
+
 def test_bad_sampler_arguments():
     with pytest.raises(ValueError, match="batch_size=0"):
         ExactlyOnceSampler(Rows(5), batch_size=0, rank=0, world_size=1, seed=0)

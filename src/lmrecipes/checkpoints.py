@@ -9,6 +9,7 @@ Lustre, the usual cluster layout) the move is a copy, and a kill during the copy
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import zipfile
 from pathlib import Path
@@ -58,8 +59,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a usable checkpoint (truncated, corrupt, not a Lightning checkpoint), or None if it is.
+def inspect_checkpoint(path: str | Path, *, training: bool = True) -> tuple[str | None, bool]:
+    """(why ``path`` cannot be used, or None; whether it is damaged for good, as opposed to unreadable right now
+    or merely of another kind). ``training``: a fit resumes from it, so it needs the optimizer states too.
 
     ``torch.load`` reads a bit-flipped tensor without complaint; the zip CRCs catch it, so both are checked.
     """
@@ -68,66 +70,94 @@ def checkpoint_problem(path: str | Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
         if bad is not None:
-            return f"CRC check failed for {bad} (corrupt data)"
+            return f"CRC check failed for {bad} (corrupt data)", True
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
-        return "file not found"
-    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as err:
-        return f"truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+        return "file not found", False
+    except pickle.UnpicklingError as err:
+        return f"not loadable with weights_only=True ({str(err).splitlines()[0][:160]})", False
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
+        return f"truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:160]})", True
+    except OSError as err:  # permissions, a flaky network filesystem: not a reason to set the file aside
+        return f"unreadable ({err})", False
+    required = (*REQUIRED_KEYS, "optimizer_states") if training else REQUIRED_KEYS
+    missing = [k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
-        return f"not a Lightning training checkpoint (missing {', '.join(missing)})"
-    return None
+        return (
+            f"not a Lightning {'training ' if training else ''}checkpoint (missing {', '.join(missing)})",
+            False,
+        )
+    return None, False
+
+
+def checkpoint_problem(path: str | Path, *, training: bool = True) -> str | None:
+    """Why ``path`` is not a usable checkpoint (truncated, corrupt, not a Lightning checkpoint), or None if it is."""
+    return inspect_checkpoint(path, training=training)[0]
 
 
 def candidates(folder: str | Path) -> list[Path]:
     """Checkpoints in ``folder``, newest first (unfinished temporary files are never candidates)."""
-    paths = [p for p in Path(folder).glob("*.ckpt") if p.is_file()]
-    return sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    stamped = []
+    for path in Path(folder).glob("*.ckpt"):
+        try:  # another rank may be renaming a corrupt one right now
+            stamped.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:
+            continue
+    return [path for _, path in sorted(stamped, reverse=True)]
 
 
-def newest_valid(folder: str | Path, *, quarantine: bool = False) -> tuple[Path | None, list[str]]:
+def newest_valid(
+    folder: str | Path, *, quarantine: bool = False, training: bool = True
+) -> tuple[Path | None, list[str]]:
     """The newest checkpoint in ``folder`` that passes ``checkpoint_problem``, and what was wrong with newer ones.
 
-    ``quarantine`` renames each unusable one to ``<name>.corrupt``: kept for inspection, but no longer in the way
+    ``quarantine`` renames each damaged one to ``<name>.corrupt``: kept for inspection, but no longer in the way
     of the next ``last.ckpt`` (ModelCheckpoint would otherwise write ``last-v1.ckpt`` beside it).
     """
     skipped = []
     for path in candidates(folder):
-        problem = checkpoint_problem(path)
+        problem, damaged = inspect_checkpoint(path, training=training)
         if problem is None:
             return path, skipped
-        if quarantine:
-            path.replace(path.with_name(path.name + ".corrupt"))
-            problem += f" (renamed to {path.name}.corrupt)"
+        if quarantine and damaged:
+            try:
+                path.replace(path.with_name(path.name + ".corrupt"))
+                problem += f" (renamed to {path.name}.corrupt)"
+            except FileNotFoundError:
+                pass
         skipped.append(f"{path}: {problem}")
     return None, skipped
 
 
-def resolve_ckpt_path(ckpt_path: str | None, folder: str | None, *, quarantine: bool = False) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, folder: str | None, *, quarantine: bool = False, training: bool = True
+) -> str | None:
     """The checkpoint a run should resume from, checked before training starts.
 
     ``last``: the newest valid checkpoint in the ModelCheckpoint folder (unusable ones are named, skipped and, with
-    ``quarantine``, renamed), or None (start from scratch) when there is none yet. An explicit path must be
-    valid: a corrupt one is an error that names the newest valid alternative.
+    ``quarantine``, damaged ones renamed), or None (start from scratch) when there is none yet. An explicit path
+    must be valid: a corrupt one is an error that names the newest valid alternative. Remote folders and paths
+    are left to Lightning's own lookup.
     """
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
         return ckpt_path
     if ckpt_path == "last":
+        if folder is not None and "://" in str(folder):
+            return ckpt_path
         if folder is None or not Path(folder).is_dir():
             return None
-        path, skipped = newest_valid(folder, quarantine=quarantine)
+        path, skipped = newest_valid(folder, quarantine=quarantine, training=training)
         if skipped:
             rank_zero_warn(
                 "skipped unusable checkpoints:\n  " + "\n  ".join(skipped)
                 + (f"\nresuming from {path}" if path else "\nno valid checkpoint left: starting from scratch")
             )  # fmt: skip
         return None if path is None else str(path)
-    problem = checkpoint_problem(ckpt_path)
+    problem = checkpoint_problem(ckpt_path, training=training)
     if problem is not None:
-        alternative, _ = newest_valid(Path(ckpt_path).parent)
+        alternative, _ = newest_valid(Path(ckpt_path).parent, training=training)
         hint = f"; the newest valid checkpoint there is {alternative}" if alternative else ""
-        raise ValueError(f"--ckpt_path {ckpt_path} cannot be resumed from: {problem}{hint}")
+        raise ValueError(f"--ckpt_path {ckpt_path} cannot be used: {problem}{hint}")
     return ckpt_path
 
 

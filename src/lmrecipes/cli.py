@@ -74,7 +74,9 @@ class RecipeCLI(LightningCLI):
             for tmp in remove_partial_saves(folder):
                 print(f"lmrecipes: removed {tmp} (left by a save that was interrupted)", flush=True)
         asked = config.get("ckpt_path")
-        config["ckpt_path"] = resolve_ckpt_path(asked, folder, quarantine=self.trainer.is_global_zero)
+        config["ckpt_path"] = resolve_ckpt_path(
+            asked, folder, quarantine=self.trainer.is_global_zero, training=subcommand == "fit"
+        )
         if asked == "last" and config["ckpt_path"] is None and self.trainer.is_global_zero:
             print(f"lmrecipes: no checkpoint in {folder} yet: starting from scratch", flush=True)
         super()._run_subcommand(subcommand)

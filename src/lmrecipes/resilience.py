@@ -60,12 +60,14 @@ class Preemption(Callback):
             tuple(requeue_signals),
             checkpoint,
         )
-        self._received = 0
+        self._received, self._pid = 0, os.getpid()
         self._previous: dict[int, object] = {}
         self._step_at_start = -1
 
     def _handler(self, signum: int, frame) -> None:
         # Only record it: saving needs a step boundary and every rank (collectives), not a signal handler.
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker (SLURM signals every process): the main process handles it
         if not self._received:
             self._received = signum
             print(
@@ -74,25 +76,50 @@ class Preemption(Callback):
             )
 
     def _install(self) -> None:
+        self._pid = os.getpid()
         for name in self.signals:
             signum = getattr(signal, name)
             self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handler)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Installed before Lightning registers its handlers: it then leaves SIGUSR1 alone (no SLURM hpc_ckpt and
-        # requeue of its own), and a signal that arrives while data is prepared is handled at the first step.
-        if stage == "fit":
-            self._install()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning wrapped SIGTERM in its own handler (which broadcasts from inside the handler): replace it.
-        self._install()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning registers its handlers later (after restoring a checkpoint, before the sanity check and before
+        # the training DataLoader forks its workers). Ours go in right after, so they are the ones in force from
+        # then on, in the workers too: Lightning's SIGTERM handler broadcasts from inside the handler (a collective
+        # the other ranks do not expect) and exits without a checkpoint, and its SLURM SIGUSR1 handler saves
+        # mid-step from inside the handler. Lightning's teardown restores the handlers it found.
+        connector = getattr(trainer, "_signal_connector", None)
+        if stage != "fit" or connector is None:
+            return
+        register = connector.register_signal_handlers
+
+        def register_then_install() -> None:
+            register()
+            self._install()
+
+        connector.register_signal_handlers = register_then_install
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            not self._previous
+        ):  # a Lightning without the hook above: install at the latest moment that still works
+            self._install()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()  # after the last step a signal acts as usual (final validation, export)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._step_at_start = trainer.global_step
@@ -128,7 +155,13 @@ class Preemption(Callback):
             return ""
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        except (
+            OSError
+        ) as err:  # no scontrol on PATH (e.g. inside a container): still exit with the signal's code
+            rank_zero_warn(f"scontrol requeue {job} failed: {err}")
+            return f"; requeueing job {job} FAILED (no scontrol)"
         if result.returncode != 0:
             rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
             return f"; requeueing job {job} FAILED"

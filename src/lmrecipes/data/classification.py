@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmrecipes.data.samplers import Draw, TrainPosition, fingerprint
 from lmrecipes.data.sources import open_source
-from lmrecipes.data.stream import own_generator
+from lmrecipes.data.stream import loader_options
 from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
 
@@ -272,7 +272,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         data = self._data[split]
         return DataLoader(data, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
                           sampler=ShardSampler(data, rank=rank, world_size=world), collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers, generator=own_generator())  # fmt: skip
+                          **loader_options(self.hparams.num_workers, persistent=False))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         """Every training row once per epoch over all ranks, equal batch counts per rank, resumable mid-epoch."""
@@ -283,8 +283,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                                          seed=h.shuffle_seed, signature={"data": data.fingerprint()},
                                          lengths=lengths)  # fmt: skip
         return DataLoader(data, batch_size=h.batch_size, sampler=sampler, collate_fn=self.collate,
-                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0,
-                          generator=own_generator())  # fmt: skip
+                          **loader_options(h.num_workers))  # fmt: skip
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Lightning transfers a training batch right before its step: count the batches trained on, for resume

@@ -29,7 +29,7 @@ from lmrecipes.data.stream import (
     WindowStream,
     is_heldout,
     load_tokenizer,
-    own_generator,
+    loader_options,
     path_is_heldout,
 )
 
@@ -320,18 +320,13 @@ class CodeDataModule(pl.LightningDataModule):
             )
             dataset = PackedStream(spec, rank=rank, world_size=world, resume=resume)
         return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=own_generator(),
+            dataset, batch_size=None, pin_memory=torch.cuda.is_available(), **loader_options(h.num_workers)
         )
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
             self.setup("validate")
-        return DataLoader(BatchList(self._val_batches), batch_size=None, generator=own_generator())
+        return DataLoader(BatchList(self._val_batches), batch_size=None, **loader_options(0))
 
     test_dataloader = val_dataloader
 
@@ -367,7 +362,8 @@ class CodeDataModule(pl.LightningDataModule):
             "batch_size": h.batch_size,
             "seq_len": h.seq_len,
             "packing": h.packing,
-            "num_workers": max(1, h.num_workers),
+            # streamed positions are per DataLoader worker; pre-tokenized ones are one count for all
+            "num_workers": None if h.pretokenize else max(1, h.num_workers),
             "pretokenize": h.pretokenize,
             "shuffle_seed": h.shuffle_seed,
             "source": self._source_fingerprint(),

@@ -25,7 +25,7 @@ from lmrecipes.data.packing import chunk_with_word_ids
 from lmrecipes.data.pretokenize import whole_document_backend
 from lmrecipes.data.samplers import Draw, TrainPosition, fingerprint
 from lmrecipes.data.sources import SourceTree, open_source, sanitize_text
-from lmrecipes.data.stream import is_heldout, own_generator, path_is_heldout
+from lmrecipes.data.stream import is_heldout, loader_options, path_is_heldout
 from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
 
@@ -226,13 +226,14 @@ class MaskedTextDataModule(pl.LightningDataModule):
         }
         sampler = self._position.sampler(self._train, trainer=self.trainer, batch_size=h.batch_size,
                                          seed=h.shuffle_seed, signature=signature)  # fmt: skip
-        return DataLoader(self._train, batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0, generator=own_generator())  # fmt: skip
+        return DataLoader(
+            self._train, batch_size=h.batch_size, sampler=sampler, **loader_options(h.num_workers)
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
             self._val_batches = self._build_val_batches()
-        return DataLoader(BatchList(self._val_batches), batch_size=None, generator=own_generator())
+        return DataLoader(BatchList(self._val_batches), batch_size=None, **loader_options(0))
 
     test_dataloader = val_dataloader
 

@@ -120,6 +120,10 @@ class TrainPosition:
             lengths: row lengths to group batches by (None: plain shuffle).
         """
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if seed is None and self._saved is not None:
+            # The run's seed may differ on resume (LightningCLI's `seed_everything: true` draws one per launch):
+            # the order keeps the seed it started with, and the RNG states come from the checkpoint.
+            seed = self._saved["signature"]["shuffle_seed"]
         seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.resume({"batch_size": batch_size, "world_size": world, "shuffle_seed": seed, "rows": len(dataset),
                      "group_by_length": lengths is not None, **signature})  # fmt: skip

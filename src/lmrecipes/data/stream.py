@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,20 @@ from lmrecipes.data.filters import FilterPipeline, shard_of
 from lmrecipes.data.packing import Cursor, Packer
 from lmrecipes.data.pretokenize import encode_batch
 from lmrecipes.data.sources import DocumentSource
+
+
+def loader_options(num_workers: int, *, persistent: bool = True) -> dict:
+    """The DataLoader settings every recipe shares: its own generator, and workers that leave job signals to the
+    main process (torch's workers die on a SIGTERM that does not come from their parent; SLURM signals every
+    process of a job step, and the main process must live on to save a checkpoint, see ``Preemption``)."""
+    workers = {"worker_init_fn": _ignore_job_signals, "persistent_workers": persistent} if num_workers else {}
+    return {"num_workers": num_workers, "generator": own_generator(), **workers}
+
+
+def _ignore_job_signals(worker_id: int) -> None:
+    # The parent still stops its workers through their queues (and their watchdog ends them if it dies).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def own_generator() -> torch.Generator:
