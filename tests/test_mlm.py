@@ -114,21 +114,55 @@ def train_losses(run: Path) -> dict[int, float]:
     return losses
 
 
-def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_bert, tmp_path, monkeypatch):
-    """37 chunks in batches of 8: 5 steps an epoch, the last one padded. A fit stopped after steps 3 and 8 and
-    resumed twice with ``--ckpt_path last`` trains on the same chunks with the same masks (and, dropout on, the
-    same dropout draws: every rank's RNG states are in the checkpoint) as one 12-step fit."""
+@pytest.mark.parametrize(("stops", "accumulate"), [([3, 8, 12], 1), ([3, 7, 10], 2)])
+def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(
+    tiny_bert, tmp_path, monkeypatch, stops, accumulate
+):
+    """37 chunks in batches of 8: 5 batches an epoch, the last one padded. A fit stopped and resumed twice with
+    ``--ckpt_path last`` trains on the same chunks with the same masks (and, dropout on, the same dropout draws:
+    every rank's RNG states are in the checkpoint) as one uninterrupted fit. Accumulating 2 batches, an epoch is
+    3 steps (the last on one batch): stopping after step 3 stops at the epoch's end, where Lightning resumes with a
+    stale batch count unless the module resets it."""
     args = mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
-                    "--model.init_args.lr_schedule", "constant")  # fmt: skip
+                    "--model.init_args.lr_schedule", "constant",
+                    "--trainer.accumulate_grad_batches", str(accumulate))  # fmt: skip
     runs = {}
-    for name, stops in (("whole", [12]), ("resumed", [3, 8, 12])):
+    for name, ends in (("whole", stops[-1:]), ("resumed", stops)):
         monkeypatch.chdir((tmp_path / name).mkdir() or tmp_path / name)
-        for k, stop in enumerate(stops):
+        for k, stop in enumerate(ends):
             main(["fit", *args, "--trainer.max_steps", str(stop), *(["--ckpt_path", "last"] if k else [])])
         runs[name] = train_losses(tmp_path / name)
-    assert sorted(runs["whole"]) == sorted(runs["resumed"]) and len(runs["whole"]) == 12
+    assert sorted(runs["whole"]) == sorted(runs["resumed"]) and len(runs["whole"]) == stops[-1]
     for step, loss in runs["whole"].items():
         assert runs["resumed"][step] == pytest.approx(loss, abs=1e-6), step
+
+
+def test_fit_resumed_from_a_checkpoint_on_an_epochs_last_batch(tiny_bert, tmp_path, monkeypatch):
+    """Accumulating 2 of 5 batches an epoch: step 3 ends on the epoch's last batch, where a ModelCheckpoint saves
+    before the epoch closes. Resuming from it, steps 4-6 match the uninterrupted fit."""
+    monkeypatch.chdir(tmp_path)
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": "ckpts",
+                "every_n_train_steps": 3,
+                "save_top_k": -1,
+                "filename": "{step}",
+            },
+        }
+    ]
+    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+                              "--model.init_args.lr_schedule", "constant", "--trainer.accumulate_grad_batches", "2",
+                              "--trainer.callbacks", json.dumps(callbacks))]  # fmt: skip
+    main(args)
+    main([*args, "--ckpt_path", "ckpts/step=3.ckpt"])
+    (whole, resumed) = [
+        train_losses(path.parent) for path in sorted(tmp_path.glob("runs/mlm-offline/csv/*/metrics.csv"))
+    ]
+    assert sorted(whole) == list(range(6)) and sorted(resumed) == [3, 4, 5]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(whole[step], abs=1e-6), step
 
 
 @pytest.mark.slow

@@ -63,6 +63,15 @@ class RecipeModule(pl.LightningModule):
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and self.trainer.global_step > 0:
                 callback._last_global_step_saved = self.trainer.global_step
+        # Lightning 2.6, resuming from a checkpoint written once an epoch's batches were all trained: it starts the
+        # next epoch but keeps the old batch count, runs one batch as that epoch's last and steps the optimizer on
+        # it alone, shifting every gradient accumulation window after it. Start the epoch's count afresh.
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        if (
+            math.isfinite(self.trainer.num_training_batches)
+            and batches.completed >= self.trainer.num_training_batches
+        ):
+            batches.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from lmrecipes.export import record_class
