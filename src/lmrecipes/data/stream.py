@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def own_generator() -> torch.Generator:
     """A DataLoader's own generator: ``iter(loader)`` otherwise draws its worker seed from the global torch RNG, so
     a validation pass would shift the dropout draws of the steps after it, and a resumed run (which restores the
     RNG states saved in the checkpoint) would no longer match the uninterrupted one."""
-    return torch.Generator().manual_seed(0)
+    return torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))  # seed_everything's value
 
 
 def is_heldout(doc: dict, fraction: float) -> bool:
