@@ -226,3 +226,37 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def _resume_choice(rank: int, port: int, chosen: list, errors) -> None:
+    from lmrecipes.checkpoints import check_same_resume
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        check_same_resume(chosen[rank])
+    except ValueError as err:
+        errors.put((rank, str(err)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_chose_different_checkpoints_stop_together(tmp_path):
+    """Two real gloo processes: one found step4.ckpt, the other nothing (a node that does not see the folder).
+    Ranks that agree pass through the same check in every DDP resume test."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4}, tmp_path / "step4.ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = mp.get_context("spawn").Queue()
+    chosen = [str(tmp_path / "step4.ckpt"), None]
+    mp.start_processes(_resume_choice, args=(port, chosen, errors), nprocs=2, start_method="spawn")
+    found = sorted(errors.get(timeout=30) for _ in range(2))
+    assert [rank for rank, _ in found] == [0, 1]  # every rank raises, none waits in a collective
+    for _, message in found:
+        assert "rank 0: step4.ckpt (" in message and "rank 1: none" in message

@@ -161,6 +161,28 @@ def resolve_ckpt_path(
     return ckpt_path
 
 
+def check_same_resume(chosen: str | None) -> None:
+    """Every rank resolves ``--ckpt_path`` on its own; ranks that chose different checkpoints (or some none) would
+    hang in their first collective, so compare (by name and size: mount points may differ between nodes)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    mine = None
+    if chosen is not None:
+        mine = (
+            f"{Path(chosen).name} ({os.path.getsize(chosen)} bytes)"
+            if os.path.isfile(chosen)
+            else str(chosen)
+        )
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    if any(choice != everyone[0] for choice in everyone):
+        detail = "; ".join(f"rank {rank}: {choice or 'none'}" for rank, choice in enumerate(everyone))
+        raise ValueError(
+            f"the ranks chose different checkpoints to resume from ({detail}): check that every node sees the "
+            "same checkpoint folder"
+        )
+
+
 def remove_partial_saves(folder: str | Path) -> list[Path]:
     """Delete temporary files left by saves that were killed mid-write (each can be as large as a checkpoint)."""
     removed = []

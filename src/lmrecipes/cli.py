@@ -77,6 +77,8 @@ class RecipeCLI(LightningCLI):
         config["ckpt_path"] = resolve_ckpt_path(
             asked, folder, quarantine=self.trainer.is_global_zero, training=subcommand == "fit"
         )
+        # Each process resolves on its own; RecipeModule.setup checks that every rank chose the same checkpoint.
+        self.trainer.lmrecipes_resume_from = config["ckpt_path"]
         if asked == "last" and config["ckpt_path"] is None and self.trainer.is_global_zero:
             print(f"lmrecipes: no checkpoint in {folder} yet: starting from scratch", flush=True)
         super()._run_subcommand(subcommand)

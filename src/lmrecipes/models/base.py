@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
-from lmrecipes.checkpoints import rng_state, set_rng_state
+from lmrecipes.checkpoints import check_same_resume, rng_state, set_rng_state
 from lmrecipes.optim import build_optimizer, sync_scheduler_lr
 
 
@@ -52,6 +52,10 @@ class RecipeModule(pl.LightningModule):
             schedule=h.lr_schedule, warmup_steps=h.warmup_steps, total_steps=int(total), min_lr_ratio=h.min_lr_ratio,
         )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_same_resume(getattr(self.trainer, "lmrecipes_resume_from", None))
 
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:
