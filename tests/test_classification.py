@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from lmrecipes.cli import main
@@ -533,10 +534,17 @@ def test_loss_options_match_their_formulas(tiny_bert):
     nll = -logp.gather(1, labels[keep, None]).squeeze(1)  # (4,)
     weighted = SequenceClassifier(pretrained=str(model_dir), loss="weighted_ce", class_weights=[1.0, 3.0])
     w = torch.tensor([1.0, 3.0])[labels[keep]]
-    assert weighted._loss(logits, labels) == pytest.approx(float((w * nll).sum() / w.sum()), rel=1e-6)
+    loss, norm = weighted._loss(logits, labels)
+    assert loss == pytest.approx(float((w * nll).sum() / w.sum()), rel=1e-6) and norm == pytest.approx(
+        float(w.sum())
+    )
     smooth = SequenceClassifier(pretrained=str(model_dir), label_smoothing=0.2)
     expected = (0.8 * nll + 0.2 * -logp.mean(-1)).mean()
-    assert smooth._loss(logits, labels) == pytest.approx(float(expected), rel=1e-6)
+    assert smooth._loss(logits, labels)[0] == pytest.approx(float(expected), rel=1e-6)
+    both = SequenceClassifier(pretrained=str(model_dir), loss="weighted_ce", class_weights=[1.0, 3.0],
+                              label_smoothing=0.2)  # fmt: skip
+    reference = F.cross_entropy(logits, labels, weight=torch.tensor([1.0, 3.0]), label_smoothing=0.2)
+    assert both._loss(logits, labels)[0] == pytest.approx(float(reference), rel=1e-6)
     with pytest.raises(ValueError, match=r"class_weights with 2 values, got None"):
         SequenceClassifier(pretrained=str(model_dir), loss="weighted_ce")
     with pytest.raises(ValueError, match=r"class_weights with 2 values, got \[1.0\]"):

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lmrecipes.ranks import gather_from_ranks
+
 
 def transformer_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6 x parameters + attention (12 x layers x width x seq_len), as in PaLM's MFU."""
@@ -223,10 +225,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         rows = {int(i): p.tolist() for batch in predictions for i, p in zip(batch["index"], batch["probs"])}
-        if trainer.world_size > 1:
-            gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = {k: v for part in gathered for k, v in part.items()}
+        rows = {k: v for part in gather_from_ranks(rows) for k, v in part.items()}
         if trainer.is_global_zero:
             id2label = pl_module.model.config.id2label  # the names export writes; hparams may lack them
             names = [id2label[i] for i in range(len(id2label))]

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lmrecipes.ranks import distributed, gather_from_ranks
+
 REQUIRED_KEYS = ("state_dict", "global_step", "loops")
 TMP_SUFFIX = ".tmp"
 
@@ -164,7 +166,7 @@ def resolve_ckpt_path(
 def check_same_resume(chosen: str | None) -> None:
     """Every rank resolves ``--ckpt_path`` on its own; ranks that chose different checkpoints (or some none) would
     hang in their first collective, so compare (by name and size: mount points may differ between nodes)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return
     mine = None
     if chosen is not None:
@@ -173,8 +175,7 @@ def check_same_resume(chosen: str | None) -> None:
             if os.path.isfile(chosen)
             else str(chosen)
         )
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
+    everyone = gather_from_ranks(mine)
     if any(choice != everyone[0] for choice in everyone):
         detail = "; ".join(f"rank {rank}: {choice or 'none'}" for rank, choice in enumerate(everyone))
         raise ValueError(

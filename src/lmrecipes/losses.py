@@ -68,3 +68,22 @@ def keytoken_weighted_loss(
     if normalize:
         return (loss_per_sample * weights).sum() / weights.sum()
     return (loss_per_sample * weights).mean()
+
+
+def classification_loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, its normaliser): the number of valid rows, or the sum of their class weights.
+
+    ``sum / normaliser`` is ``F.cross_entropy``'s mean; a batch with no valid row (all padding) gives (0, 0), so
+    callers divide with a clamp instead of special-casing it and get a zero loss with zero gradients."""
+    total = F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=IGNORE_INDEX,
+                            label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+    valid = labels != IGNORE_INDEX  # (B,)
+    if class_weights is None:
+        return total, valid.sum().to(total.dtype)
+    return total, (class_weights[labels.clamp(min=0)] * valid).sum()

@@ -16,18 +16,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lmrecipes.ranks import distributed, max_over_ranks
+
 
 class Preempted(SystemExit):
     """Raised on every rank after the preemption checkpoint is written; exits with 128 + the signal number."""
-
-
-def any_rank(value: int, trainer: pl.Trainer) -> int:
-    """The largest of ``value`` over all ranks (``value`` itself without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    tensor = torch.tensor([value], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 class Preemption(Callback):
@@ -127,7 +120,7 @@ class Preemption(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self._step_at_start:
             return  # mid gradient accumulation: saving here would lose the accumulated gradients
-        signum = any_rank(self._received, trainer)
+        signum = max_over_ranks(self._received, trainer.strategy.root_device)
         if not signum:
             return
         path = self._path(trainer)
@@ -221,7 +214,7 @@ class NonFiniteLoss(Callback):
 
     @staticmethod
     def _bad_ranks(trainer: pl.Trainer, local: int) -> list[int]:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not distributed():
             return [0] if local else []
         flags = torch.zeros(torch.distributed.get_world_size(), device=trainer.strategy.root_device)
         flags[torch.distributed.get_rank()] = local

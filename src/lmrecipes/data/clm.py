@@ -32,6 +32,7 @@ from lmrecipes.data.stream import (
     loader_options,
     path_is_heldout,
 )
+from lmrecipes.ranks import gather_from_ranks
 
 
 class BatchList(IterableDataset):
@@ -372,11 +373,8 @@ class CodeDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         mine = {"consumed": self._consumed, "cursors": [[k, *v] for k, v in sorted(self._cursors.items())]}
-        ranks = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, mine)  # every rank's position, not only rank 0's
-        return {"signature": self._signature(), "ranks": ranks}
+        # every rank's position, not only rank 0's
+        return {"signature": self._signature(), "ranks": gather_from_ranks(mine)}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state

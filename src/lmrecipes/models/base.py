@@ -1,5 +1,6 @@
 """What every recipe's LightningModule shares: AdamW + warmup schedule, LR resync on resume, token-weighted
-perplexity, every rank's RNG states in checkpoints, and the metadata export needs. Subclasses own the model, the loss and their (explicit) arguments."""
+perplexity, every rank's RNG states in checkpoints, two Lightning resume fixes, and the metadata export needs.
+Subclasses own the model, the loss and their (explicit) arguments."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torchmetrics import SumMetric
 
 from lmrecipes.checkpoints import check_same_resume, rng_state, set_rng_state
 from lmrecipes.optim import build_optimizer, sync_scheduler_lr
+from lmrecipes.ranks import gather_from_ranks
 
 
 class RecipeModule(pl.LightningModule):
@@ -82,11 +84,7 @@ class RecipeModule(pl.LightningModule):
 
         record_class(self, checkpoint)
         # Every rank's generators (dropout differs per rank once they diverge), not only rank 0's.
-        states = [rng_state()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, rng_state())
-        checkpoint["lmrecipes"]["rng"] = states
+        checkpoint["lmrecipes"]["rng"] = gather_from_ranks(rng_state())
         checkpoint["lmrecipes"]["seed"] = os.environ.get("PL_GLOBAL_SEED")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score
 
-from lmrecipes.losses import IGNORE_INDEX
+from lmrecipes.losses import IGNORE_INDEX, classification_loss_sum
 from lmrecipes.models.base import RecipeModule
 from lmrecipes.paths import resolve_pretrained
 
@@ -91,28 +90,25 @@ class SequenceClassifier(RecipeModule):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model(**inputs).logits  # (B, C)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights, ignore_index=IGNORE_INDEX,
-                               label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch's valid rows, their weight); padding rows (label -100) count for nothing, and
+        a batch of nothing but padding (the epoch's last, so every DDP rank steps) gives a zero loss."""
+        total, norm = classification_loss_sum(logits, labels, class_weights=self.class_weights,
+                                               label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+        return total / norm.clamp(min=torch.finfo(total.dtype).tiny), norm
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
-        # Padding rows (label -100) fill the epoch's last batch so every DDP rank steps; a batch of nothing but
-        # padding has a NaN mean loss, so it contributes a zero loss (and zero gradients) instead.
-        if (labels != IGNORE_INDEX).any():
-            loss = self._loss(logits, labels)
-        else:
-            loss = logits.sum() * 0.0
+        loss, _ = self._loss(self(batch), batch["labels"])  # (B, C), (B,) in
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
         keep = labels != IGNORE_INDEX
-        if keep.any():  # a batch of ignored rows has a NaN loss
-            # the batch's loss is a mean over its rows' (class) weights: weigh it by their sum
-            weight = keep.sum() if self.class_weights is None else self.class_weights[labels[keep]].sum()
-            self.metrics[f"{stage}_loss"].update(self._loss(logits, labels), weight)
+        loss, weight = self._loss(
+            logits, labels
+        )  # a mean over the rows' (class) weights: weigh it by their sum
+        self.metrics[f"{stage}_loss"].update(loss, weight)
         self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
         preds = logits.argmax(-1)[keep]
         for name in ("acc", "f1"):
