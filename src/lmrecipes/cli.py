@@ -6,6 +6,7 @@
     lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
     lmrecipes generate exported/ --prompt "import pandas as pd"
     lmrecipes fill-mask exported-mlm/ "This is a great [MASK]."
+    lmrecipes evaluate-code exported/ --preset greedy --allow_code_execution true   # HumanEval pass@k
 
 Add ``--quiet`` anywhere to turn off progress bars (CI logs).
 """
@@ -29,6 +30,9 @@ DATA_TO_MODEL = {
     "num_labels": "num_labels",
     "label_names": "label_names",
 }
+
+
+EXTRA_COMMANDS = ("tokenizer", "export", "generate", "fill-mask", "evaluate-code")
 
 
 class RecipeCLI(LightningCLI):
@@ -179,6 +183,7 @@ def run_function(function, args: list[str]) -> None:
 
 
 def extra_commands() -> dict:
+    from lmrecipes.evaluation.command import evaluate_code_command
     from lmrecipes.export import export_command, fill_mask_command, generate_command
     from lmrecipes.tokenizers import tokenizer_command
 
@@ -187,7 +192,17 @@ def extra_commands() -> dict:
         "export": export_command,
         "generate": generate_command,
         "fill-mask": fill_mask_command,
+        "evaluate-code": evaluate_code_command,
     }
+
+
+def optional_model_argument(args: list[str]) -> list[str]:
+    """The command's arguments; ``evaluate-code MODEL`` becomes ``--model MODEL``, since a samples file is scored
+    without a model and jsonargparse has no optional positional argument."""
+    rest = args[1:]
+    if args[0] == "evaluate-code" and rest and not rest[0].startswith("-"):
+        return ["--model", *rest]
+    return rest
 
 
 def quiet(args: list[str]) -> list[str]:
@@ -209,11 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(
         "TOKENIZERS_PARALLELISM", "false"
     )  # DataLoader workers fork after the tokenizer ran
-    commands = (
-        extra_commands() if args and args[0] in ("tokenizer", "export", "generate", "fill-mask") else {}
-    )
+    commands = extra_commands() if args and args[0] in EXTRA_COMMANDS else {}
     if commands:
-        run_function(commands[args[0]], args[1:])
+        run_function(commands[args[0]], optional_model_argument(args))
     else:
         try:
             run_lightning(args)
