@@ -28,12 +28,21 @@ def module_from_checkpoint(ckpt: str):
 
 
 def record_class(module, checkpoint: dict) -> None:
-    """Store what export needs: the module's class path and the metrics logged so far (plain floats)."""
-    metrics = {}
+    """Store what export needs: the module's class path, the metrics logged so far (plain floats) and the run
+    folder (its curves.png goes into the model card)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    metrics, run_dir = {}, None
     if module._trainer is not None:
         metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items() if v.numel() == 1}
+        csv_logger = next((lg for lg in module.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        run_dir = str(Path(csv_logger.save_dir).resolve()) if csv_logger else None  # where curves.png goes
     cls = type(module)
-    checkpoint["lmrecipes"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "metrics": metrics}
+    checkpoint["lmrecipes"] = {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "metrics": metrics,
+        "run_dir": run_dir,
+    }
 
 
 def model_card(checkpoint: dict) -> str:
@@ -43,18 +52,24 @@ def model_card(checkpoint: dict) -> str:
         "model": checkpoint.get("hyper_parameters", {}),
         "data": checkpoint.get("datamodule_hyper_parameters", {}),
     }
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items()))
+    from lmrecipes.curves import final_metrics, run_curves
+
+    logged = dict(meta.get("metrics", {}))
+    if meta.get("run_dir") and Path(meta["run_dir"]).is_dir():
+        logged.update(final_metrics(Path(meta["run_dir"])))  # the last validation values of the CSV log
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(logged.items()))
+    curves = "![training curves](curves.png)\n\n" if run_curves(checkpoint) else ""
     return (
         "---\nlibrary_name: transformers\ntags: [lmrecipes]\n---\n\n"
         f"# {meta.get('class_path', 'model').rsplit('.', 1)[-1]} trained with lmrecipes\n\n"
         f"Optimizer steps: {checkpoint.get('global_step', 0)}, epochs: {checkpoint.get('epoch', 0)}.\n\n"
-        f"| metric | value |\n|---|---|\n{metrics}\n\n"
+        f"| metric | value |\n|---|---|\n{metrics}\n\n{curves}"
         f"## Training configuration\n\n```yaml\n{yaml.safe_dump(hparams, sort_keys=False)}```\n"
     )
 
 
-def save_hf_folder(module, out: Path, *, card: str) -> None:
-    """Write model, tokenizer and card to ``out`` (its parent must exist)."""
+def save_hf_folder(module, out: Path, *, card: str, curves: Path | None = None) -> None:
+    """Write model, tokenizer, card (and the run's curves.png, which the card shows) to ``out``."""
     from transformers import AutoTokenizer
 
     model = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
@@ -63,6 +78,8 @@ def save_hf_folder(module, out: Path, *, card: str) -> None:
     if tokenizer_path:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
     (out / "README.md").write_text(card)
+    if curves is not None:
+        shutil.copyfile(curves, out / "curves.png")
 
 
 def export_command(
@@ -85,7 +102,9 @@ def export_command(
     staging = out_path.with_name(out_path.name + ".tmp-export")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_hf_folder(module, staging, card=model_card(checkpoint))
+    from lmrecipes.curves import run_curves
+
+    save_hf_folder(module, staging, card=model_card(checkpoint), curves=run_curves(checkpoint))
     if out_path.exists():
         shutil.rmtree(out_path)
     staging.rename(out_path)  # a failed export never leaves a half-written `out`
