@@ -2,7 +2,7 @@
 
     lmrecipes fit --config configs/clm/offline.yaml
     lmrecipes fit --config configs/clm/offline.yaml --ckpt_path last        # resume
-    lmrecipes tokenizer --source python-install --out tok --vocab_size 8192
+    lmrecipes tokenizer --source python-install --out tok --vocab_size 8192 --max_chars 20000000
     lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
     lmrecipes generate exported/ --prompt "import pandas as pd"
     lmrecipes fill-mask exported-mlm/ "This is a great [MASK]."

@@ -20,6 +20,8 @@ HUB_KEYS = {
     "data.init_args.val_source": "dataset",
     "data.init_args.test_source": "dataset",
     "data.init_args.predict_source": "dataset",
+    "source": "dataset",  # lmrecipes tokenizer --source / --base
+    "base": "model",
 }
 _LOCAL_PREFIXES = ("/", ".", "~", "package://", "python-", "docstrings:", "function-pairs:")
 
