@@ -100,7 +100,7 @@ class PushToHub(pl.Callback):
         hub_model_id: str | None = None,
         every_n_train_steps: int = 5000,
         revision: str | None = None,
-        staging_dir: str = "runs/hub-staging",
+        staging_dir: str | None = None,
         private: bool = True,
     ):
         """
@@ -108,7 +108,8 @@ class PushToHub(pl.Callback):
             hub_model_id: Hub model repo (``namespace/name``), created if missing; None turns pushing off.
             every_n_train_steps: optimizer steps between uploads (match ModelCheckpoint's).
             revision: branch to push to, created from main if missing (the book: one branch per run).
-            staging_dir: local folder the exports are written to before upload.
+            staging_dir: local folder the exports are written to before upload (default: ``hub-staging`` in
+                the run folder, the first logger's ``save_dir``).
             private: create the repo as private.
         """
         if hub_model_id is not None:
@@ -116,7 +117,7 @@ class PushToHub(pl.Callback):
         if every_n_train_steps < 1:
             raise ValueError(f"PushToHub every_n_train_steps={every_n_train_steps}; expected >= 1")
         self.hub_model_id, self.every, self.revision = hub_model_id, every_n_train_steps, revision
-        self.staging_dir, self.private = Path(staging_dir), private
+        self.staging_dir, self.private = staging_dir, private
         self.pending: list[Future] = []
         self._last_pushed = -1
 
@@ -125,6 +126,9 @@ class PushToHub(pl.Callback):
 
         if self.hub_model_id is None or stage != "fit" or not trainer.is_global_zero:
             return
+        if self.staging_dir is None:
+            run_dir = trainer.loggers[0].save_dir if trainer.loggers else trainer.default_root_dir
+            self.staging_dir = str(Path(run_dir or ".") / "hub-staging")
         if get_token() is None:
             raise ValueError(
                 f"PushToHub hub_model_id={self.hub_model_id!r} needs a Hugging Face token: run `hf auth login` "
@@ -155,7 +159,7 @@ class PushToHub(pl.Callback):
         checkpoint = {"global_step": step, "epoch": trainer.current_epoch,
                       "hyper_parameters": dict(pl_module.hparams)}  # fmt: skip
         record_class(pl_module, checkpoint)
-        folder = self.staging_dir / f"step{step}"
+        folder = Path(self.staging_dir) / f"step{step}"
         folder.mkdir(parents=True, exist_ok=True)
         save_hf_folder(pl_module, folder, card=model_card(checkpoint))
         future = upload_folder(
