@@ -350,6 +350,9 @@ def _kind_of(part: str) -> str:
         return _HF_BUILDERS[suffix]
     if not os.path.exists(part) and _HUB_ID.fullmatch(part):
         return "hub"
+    matches = sorted(glob.glob(part, recursive=True)) if any(c in part for c in "*?[") else []
+    if matches and not os.path.isdir(matches[0]):
+        return _kind_of(matches[0])  # a glob like data/*.gz: the kind of the files it matches
     raise SourceError(
         f"source {part!r} is not understood; expected 'python-install', a directory, a .jsonl/.json (also "
         ".gz)/.csv/.parquet/.txt path or glob, or a Hub id ('owner/name')"
