@@ -116,6 +116,7 @@ def test_push_to_hub_uploads_in_the_background_to_the_run_branch(tmp_path, monke
     for name in ("create_repo", "create_branch", "upload_folder"):
         monkeypatch.setattr(hub, name, getattr(recorder, name))
     monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr("huggingface_hub.constants.is_offline_mode", lambda: False)  # the recorder is the Hub
     callback = PushToHub(hub_model_id="me/codeparrot-small", every_n_train_steps=2, revision="run-1",
                          staging_dir=str(tmp_path / "staging"))  # fmt: skip
     tiny_fit(callback, tmp_path, steps=5)
@@ -137,6 +138,11 @@ def test_push_to_hub_without_a_token_stops_before_the_first_step(tmp_path, monke
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     callback = PushToHub(hub_model_id="me/x", every_n_train_steps=1)
+    with pytest.raises(
+        ValueError, match=r"hub_model_id='me/x' needs the Hugging Face Hub, which HF_HUB_OFFLINE"
+    ):
+        tiny_fit(callback, tmp_path)  # the tests run offline
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
     with pytest.raises(ValueError, match=r"hub_model_id='me/x' needs a Hugging Face token"):
         tiny_fit(callback, tmp_path)
     assert recorder.calls == []

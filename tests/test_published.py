@@ -81,14 +81,14 @@ def test_one_epoch_is_counted_from_the_pretokenized_data(code_tree, tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     main(fit_args(code_tree, tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
-                  "--trainer.accumulate_grad_batches", "2", "--data.init_args.pretokenize", "true",
+                  "--trainer.accumulate_grad_batches", "4", "--data.init_args.pretokenize", "true",
                   "--data.init_args.packing", "overflow", "--data.init_args.seq_len", "64",
-                  "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "0",
+                  "--data.init_args.batch_size", "16", "--trainer.limit_val_batches", "0",
                   "--data.init_args.train_tokenizer_vocab", "300"))  # fmt: skip
     (folder,) = (tmp_path / ".cache/lmrecipes").glob("*/")
     _, lengths, _ = load_token_file(folder)
     windows = len(window_starts(lengths, seq_len=64, mode="overflow"))
-    expected = windows // 8 // 2  # one pass over the windows, 8 per batch, 2 batches per optimizer step
+    expected = windows // 16 // 4  # one pass over the windows, 16 per batch, 4 batches per optimizer step
     with open(next(tmp_path.glob("runs/clm-offline/csv/*/metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     by_step = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")}

@@ -122,18 +122,24 @@ class PushToHub(pl.Callback):
         self._last_pushed = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from huggingface_hub import get_token
+        from huggingface_hub import constants, get_token
 
-        if self.hub_model_id is None or stage != "fit" or not trainer.is_global_zero:
+        if self.hub_model_id is None or stage != "fit":
             return
-        if self.staging_dir is None:
-            run_dir = trainer.loggers[0].save_dir if trainer.loggers else trainer.default_root_dir
-            self.staging_dir = str(Path(run_dir or ".") / "hub-staging")
+        # Checked on every rank, so that all of them stop (none waits in a collective for a rank that failed).
+        if constants.is_offline_mode():
+            raise ValueError(f"PushToHub hub_model_id={self.hub_model_id!r} needs the Hugging Face Hub, which "
+                             "HF_HUB_OFFLINE=1 rules out; unset it, or set hub_model_id: null")  # fmt: skip
         if get_token() is None:
             raise ValueError(
                 f"PushToHub hub_model_id={self.hub_model_id!r} needs a Hugging Face token: run `hf auth login` "
                 "or set HF_TOKEN (or set hub_model_id: null to train without pushing)"
             )
+        if not trainer.is_global_zero:
+            return
+        if self.staging_dir is None:
+            run_dir = trainer.loggers[0].save_dir if trainer.loggers else trainer.default_root_dir
+            self.staging_dir = str(Path(run_dir or ".") / "hub-staging")
         create_repo(self.hub_model_id, private=self.private, exist_ok=True)
         if self.revision:
             create_branch(self.hub_model_id, branch=self.revision, exist_ok=True)
