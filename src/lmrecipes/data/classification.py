@@ -98,7 +98,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         """
         Args:
             tokenizer: tokenizer folder, Hub id or ``package://module/folder`` (the model's).
-            train_source: Hub dataset id (``glue`` with ``dataset_config: mrpc``), local files, or
+            train_source: Hub dataset id (``nyu-mll/glue`` with ``dataset_config: mrpc``), local files, or
                 ``python-function-pairs`` (docstring/function pairs from this interpreter's Python files).
             val_source: validation source (default: ``train_source`` with ``val_split``).
             test_source: test source (default: ``train_source`` with ``test_split``).

@@ -94,7 +94,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         Args:
             tokenizer: fast tokenizer folder, Hub id or ``package://module/folder`` (usually the model's).
             train_source: ``python-docstrings`` (docstrings and comments of this interpreter's Python files),
-                ``docstrings:<dir>``, a directory, local files, or a Hub dataset id (``imdb`` in the course).
+                ``docstrings:<dir>``, a directory, local files, or a Hub dataset id (``stanfordnlp/imdb`` in the course).
             val_source: evaluation source; None holds out ``heldout_fraction`` of the training documents by path.
             text_column: column holding the text (``text`` for imdb).
             train_split: split of ``train_source``.
