@@ -78,6 +78,11 @@ def test_fit_writes_checkpoints_config_logs_and_export(fitted):
     export = fitted / "runs" / "clm-offline" / "export"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     assert "val/ppl" in (export / "README.md").read_text()
+    # the curves, drawn at the end of fit from the run's CSV log, and shown in the model card
+    curves = fitted / "runs" / "clm-offline" / "curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (export / "curves.png").read_bytes() == curves.read_bytes()
+    assert "![training curves](curves.png)" in (export / "README.md").read_text()
 
 
 def test_export_command_then_pipeline_generates(fitted, capsys):
@@ -196,6 +201,10 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
         "--data.init_args.tokenizer", str(tmp_path / "tok"), "--data.init_args.train_tokenizer_vocab", "300",
         "--data.init_args.heldout_fraction", "0.1", "--data.init_args.progress", "false",
     ]  # fmt: skip
+    if (
+        "accelerate" in name
+    ):  # the course's key tokens (plt, pd, sk...) are not single tokens of a 300-token BPE
+        local += ["--model.init_args.keytokens", '[self, "="]']
     args = expand_configs(["--config", str(REPO / "configs" / "clm" / name), *local])
     with torch.device("meta"):  # the 1.5B config is built without allocating its weights
         cli = RecipeCLI(
@@ -212,7 +221,8 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     )
     assert cli.model.model.config.n_layer == n_layer
     assert cli.model.hparams.vocab_size == 300
-    assert cli.trainer.max_steps > 0
+    # a step budget, or epochs counted from pre-tokenized data (EpochsFromData)
+    assert cli.trainer.max_steps > 0 or (cli.trainer.max_epochs == 1 and cli.datamodule.hparams.pretokenize)
 
 
 def test_overfit_one_batch_loss_falls():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmrecipes.cli import RecipeCLI, expand_configs
+from lmrecipes.cli import RecipeCLI, expand_configs, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").glob("*/*.yaml"))
@@ -34,3 +34,65 @@ def test_config_parses_and_instantiates(name, tiny_bert, tmp_path, monkeypatch):
         assert cli.model.model.config.id2label == dict(enumerate(cli.datamodule.label_names))
     else:
         assert cli.model.hparams.seq_len == 32
+
+
+def print_config(args: list[str], capsys) -> dict:
+    """The fully resolved config ``lmrecipes fit <args> --print_config`` prints (parsing only, nothing runs)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+OFFLINE_CLM = str(REPO / "configs" / "clm" / "offline.yaml")
+
+
+@pytest.mark.parametrize(
+    "form", [["-c", OFFLINE_CLM], ["--config", OFFLINE_CLM], [f"--config={OFFLINE_CLM}"], [f"-c={OFFLINE_CLM}"],
+             [f"-c{OFFLINE_CLM}"]], ids=["-c X", "--config X", "--config=X", "-c=X", "-cX"],
+)  # fmt: skip
+def test_every_config_form_expands_extends(form, capsys):
+    resolved = print_config(form, capsys)
+    assert resolved == print_config(["--config", OFFLINE_CLM], capsys)
+    assert resolved["trainer"]["max_steps"] == 240  # the variant's own value
+    assert resolved["model"]["init_args"]["weight_decay"] == 0.1  # from its base, codeparrot-ds.yaml
+
+
+def test_several_configs_and_a_variant_of_a_variant(tmp_path, capsys):
+    extra = tmp_path / "shorter.yaml"  # a variant of the offline variant, given as a second config
+    extra.write_text(f"extends: {OFFLINE_CLM}\ntrainer:\n  max_steps: 12\n")
+    resolved = print_config(["-c", OFFLINE_CLM, "--config", str(extra)], capsys)
+    assert resolved["trainer"]["max_steps"] == 12
+    assert resolved["data"]["init_args"]["train_source"] == "python-install"  # offline.yaml
+    assert resolved["model"]["init_args"]["lr_schedule"] == "cosine"  # codeparrot-ds.yaml
+    big = print_config(["-c", str(REPO / "configs" / "clm" / "codeparrot.yaml")], capsys)
+    assert big["model"]["init_args"]["config"]["n_layer"] == 48  # codeparrot.yaml
+    assert big["data"]["init_args"]["seq_len"] == 1024  # codeparrot-small.yaml
+    assert big["data"]["init_args"]["val_split"] == "validation"  # codeparrot-small.yaml
+    assert big["trainer"]["precision"] == "bf16-mixed"  # codeparrot-small.yaml over codeparrot-ds.yaml
+
+
+def test_a_config_that_extends_itself_is_named(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        expand_configs(["-c", str(loop)])
+
+
+def test_the_readme_wandb_logger_snippet_instantiates(tiny_bert, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason='wandb is an optional extra (pip install -e ".[wandb]")')
+    from lightning.pytorch.loggers import WandbLogger
+
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("```yaml\n# Weights & Biases", 1)[1].split("```", 1)[0]
+    (tmp_path / "wandb.yaml").write_text(snippet)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    model_dir, corpus = tiny_bert
+    cli = RecipeCLI(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+                    run=False, args=expand_configs([
+                        "-c", str(REPO / "configs/classification/offline.yaml"), "-c", str(tmp_path / "wandb.yaml"),
+                        "--model.init_args.pretrained", str(model_dir), "--data.init_args.tokenizer", str(model_dir),
+                        "--data.init_args.train_source", str(corpus), "--data.init_args.progress", "false"]))  # fmt: skip
+    assert any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers)

@@ -279,3 +279,47 @@ def test_sanitize_text_makes_lone_surrogates_encodable():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
     assert tokenizer.encode(text).tokens is not None
     assert text.encode("utf-8") == b"a\xef\xbf\xbdb\x00c"
+
+
+def write_gz(path: Path, records: list[dict]) -> Path:
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
+def test_gzip_jsonl_reads_like_plain_jsonl(tmp_path):
+    """The book's local data: a folder of ``*.json.gz`` files, one document per line; globs of either suffix."""
+    records = [{"content": f"x = {i}\n", "path": f"f{i}.py"} for i in range(6)]
+    write_gz(tmp_path / "file-000.json.gz", records[:4])
+    write_gz(tmp_path / "file-001.jsonl.gz", records[4:])
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for spec in (
+        str(tmp_path / "*.json*.gz"),
+        f"{tmp_path / 'file-000.json.gz'},{tmp_path / 'file-001.jsonl.gz'}",
+    ):
+        source = open_source(spec)
+        assert isinstance(source, JsonlFiles)
+        docs = list(source.iter_raw())
+        assert [d["content"] for _, d in docs] == [r["content"] for r in records]
+        assert [i for i, _ in docs] == list(range(6))
+    assert [i for i, _ in open_source(str(tmp_path / "*.gz")).iter_raw(start=3)] == [3, 4, 5]
+    plain = [d for _, d in open_source(str(tmp_path / "plain.jsonl")).iter_raw()]
+    assert [d["content"] for d in plain] == [d["content"] for _, d in docs]
+
+
+def test_truncated_gzip_is_named_with_file_and_line_or_skipped_and_counted(tmp_path):
+    records = [{"content": "y" * 200 + str(i)} for i in range(50)]
+    whole = write_gz(tmp_path / "a.json.gz", records).read_bytes()
+    (tmp_path / "a.json.gz").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    write_gz(tmp_path / "b.json.gz", records[:2])
+    with pytest.raises(SourceError, match=r"a\.json\.gz:\d+: .*expected a complete gzip file"):
+        list(open_source(str(tmp_path / "*.json.gz")).iter_raw())
+    source = open_source(str(tmp_path / "*.json.gz"), on_error="skip")
+    docs = [d["content"] for _, d in source.iter_raw()]
+    assert source.skipped == {"bad_gzip": 1}
+    assert docs[-2:] == [r["content"] for r in records[:2]]  # the next file is still read
+    assert 0 < len(docs) - 2 < 50 and docs[: len(docs) - 2] == [
+        r["content"] for r in records[: len(docs) - 2]
+    ]

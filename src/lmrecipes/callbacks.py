@@ -61,6 +61,33 @@ class DataStats(pl.Callback):
             pl_module.log_dict({k: float(v) for k, v in stats.items()}, reduce_fx="sum")
 
 
+class EpochsFromData(pl.Callback):
+    """``trainer.max_epochs`` over an endless stream of pre-tokenized windows (the course's "one epoch"): sets
+    ``max_steps`` to those epochs' optimizer steps, counted from the data, before the schedule is built.
+
+    Lightning cannot count an iterable loader (``estimated_stepping_batches`` would be ``max_steps`` = -1, a
+    silently wrong schedule); the DataModule's ``batches_per_epoch()`` can, once the token file exists.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        count = getattr(trainer.datamodule, "batches_per_epoch", None)
+        if stage != "fit" or count is None or trainer.max_steps != -1 or trainer.max_epochs in (None, -1):
+            return
+        batches = count()
+        if batches is None:
+            return  # streamed: RecipeModule.configure_optimizers asks for max_steps
+        steps = trainer.max_epochs * batches // trainer.accumulate_grad_batches
+        if steps < 1:
+            raise ValueError(
+                f"{trainer.max_epochs} epoch(s) of {batches} batches per rank make no optimizer step with "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}; add data or lower batch_size"
+            )
+        trainer.fit_loop.epoch_loop.max_steps = steps  # what Trainer(max_steps=...) sets; no public setter
+        rank_zero_info(
+            f"max_epochs={trainer.max_epochs}: {batches:,} batches per rank per epoch -> max_steps={steps:,}"
+        )
+
+
 @torch.no_grad()
 def evaluate_loss(pl_module: pl.LightningModule, dataloader, max_batches: int | None = None) -> float:
     """Token-weighted mean validation loss over (the first ``max_batches`` of) ``dataloader`` on this rank."""
@@ -139,6 +166,7 @@ class RecipeReport(pl.Callback):
         return limit if isinstance(limit, int) else None
 
     def _export_and_sample(self, trainer, pl_module) -> list[str]:
+        from lmrecipes.curves import run_curves
         from lmrecipes.export import fill_mask, generate, model_card, record_class, save_hf_folder
 
         out = Path(self.export_dir)
@@ -150,7 +178,7 @@ class RecipeReport(pl.Callback):
             "datamodule_hyper_parameters": dict(trainer.datamodule.hparams),
         }
         record_class(pl_module, checkpoint)
-        save_hf_folder(pl_module, out, card=model_card(checkpoint))
+        save_hf_folder(pl_module, out, card=model_card(checkpoint), curves=run_curves(checkpoint))
         lines = [f"exported the model to {out}"]
         if getattr(pl_module, "pipeline_task", "text-generation") == "fill-mask":
             for prompt, predictions in zip(self.prompts, fill_mask(str(out), self.prompts)):
@@ -163,47 +191,6 @@ class RecipeReport(pl.Callback):
         ):
             lines += [f"--- completion of {prompt!r}:", prompt + completions[0]]
         return lines
-
-
-class PushToHub(pl.Callback):
-    """Export the model and upload it to a Hub repo every N optimizer steps (the course's push at each save)."""
-
-    def __init__(
-        self,
-        *,
-        repo_id: str,
-        every_n_train_steps: int = 5000,
-        staging_dir: str = "runs/hub-staging",
-        private: bool = True,
-    ):
-        """
-        Args:
-            repo_id: Hub model repo (``user/name``), created if missing.
-            every_n_train_steps: optimizer steps between uploads (match ModelCheckpoint's).
-            staging_dir: local folder the export is written to before each upload.
-            private: create the repo as private.
-        """
-        self.repo_id, self.every = repo_id, every_n_train_steps
-        self.staging_dir, self.private = Path(staging_dir), private
-        self._last_pushed = -1
-
-    @rank_zero_only
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == 0 or step % self.every or step == self._last_pushed:  # micro-batches share a step
-            return
-        self._last_pushed = step
-        from lmrecipes.export import model_card, push_folder, record_class, save_hf_folder
-
-        checkpoint = {
-            "global_step": step,
-            "epoch": trainer.current_epoch,
-            "hyper_parameters": dict(pl_module.hparams),
-        }
-        record_class(pl_module, checkpoint)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        save_hf_folder(pl_module, self.staging_dir, card=model_card(checkpoint))
-        push_folder(self.staging_dir, self.repo_id, private=self.private, message=f"step {step}")
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -2,11 +2,12 @@
 
     lmrecipes fit --config configs/clm/offline.yaml
     lmrecipes fit --config configs/clm/offline.yaml --ckpt_path last        # resume
-    lmrecipes tokenizer --source python-install --out tok --vocab_size 8192
+    lmrecipes tokenizer --source python-install --out tok --vocab_size 8192 --max_chars 20000000
     lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
     lmrecipes generate exported/ --prompt "import pandas as pd"
     lmrecipes fill-mask exported-mlm/ "This is a great [MASK]."
     lmrecipes evaluate-code exported/ --preset greedy --allow_code_execution true   # HumanEval pass@k
+    lmrecipes plot runs/clm-offline                                          # curves.png of any run
 
 Add ``--quiet`` anywhere to turn off progress bars (CI logs).
 """
@@ -32,9 +33,6 @@ DATA_TO_MODEL = {
 }
 
 
-EXTRA_COMMANDS = ("tokenizer", "export", "generate", "fill-mask", "evaluate-code")
-
-
 class RecipeCLI(LightningCLI):
     """LightningCLI with the data -> model links and a checkpoint that knows how to resume."""
 
@@ -45,19 +43,21 @@ class RecipeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_resume_config(config)
+        check_hub_values(config)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """Every run gets atomic checkpoint writes, save-and-exit on preemption signals and the non-finite loss
-        policy, unless the config already chose its own."""
+        """Every run gets atomic checkpoint writes, save-and-exit on preemption signals, the non-finite loss
+        policy, epochs counted from the data and curves.png at the end of fit, unless the config chose its own."""
         from lightning.pytorch.plugins.io import CheckpointIO
 
+        from lmrecipes.callbacks import EpochsFromData
         from lmrecipes.checkpoints import AtomicCheckpointIO
+        from lmrecipes.curves import Curves
         from lmrecipes.resilience import NonFiniteLoss, Preemption
 
         present = [*(config.get("callbacks") or []), *callbacks]
-        callbacks += [
-            cls() for cls in (Preemption, NonFiniteLoss) if not any(isinstance(c, cls) for c in present)
-        ]
+        defaults = (Preemption, NonFiniteLoss, EpochsFromData, Curves)
+        callbacks += [cls() for cls in defaults if not any(isinstance(c, cls) for c in present)]
         check_launcher_devices(config.get("devices", "auto"), str(config.get("accelerator", "auto")))
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -105,6 +105,16 @@ def check_resume_config(config) -> None:
     )
 
 
+def check_hub_values(config) -> None:
+    """Hub ids in the model and data arguments are valid, and reachable or cached, before anything is built."""
+    from lmrecipes.hub import HUB_KEYS, require_hub
+
+    values = {key: config.get(key) for key in HUB_KEYS}
+    if config.get("data.init_args.train_tokenizer_vocab"):
+        values.pop("data.init_args.tokenizer")  # a folder the run writes, not one it reads
+    require_hub(values)
+
+
 def check_launcher_devices(devices, accelerator) -> None:
     """Under torchrun, ``trainer.devices`` must equal the processes per node: with ``auto`` on CPU Lightning picks one
     device, skips its world-size check, and every process trains alone into the same files."""
@@ -144,20 +154,34 @@ def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
     return [*expand_config(base, (*_seen, path)), yaml.safe_dump(content, sort_keys=False)]
 
 
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def config_value(args: list[str], i: int) -> tuple[str | None, int]:
+    """The config file named at ``args[i]`` in any form argparse accepts (``-c X``, ``--config X``,
+    ``--config=X``, ``-c=X``, ``-cX``) and the index after it; ``(None, i)`` when ``args[i]`` names none."""
+    arg = args[i]
+    if arg in CONFIG_FLAGS:
+        return (args[i + 1], i + 2) if i + 1 < len(args) else (None, i)
+    if arg.startswith("--config="):
+        return arg.split("=", 1)[1], i + 1
+    if arg.startswith("-c") and not arg.startswith("--"):
+        return arg[2:].removeprefix("="), i + 1
+    return None, i
+
+
 def expand_configs(args: list[str]) -> list[str]:
+    """Every config given on the command line, in any form, replaced by its ``extends`` chain (base first)."""
     out, i = [], 0
     while i < len(args):
-        arg = args[i]
-        if arg == "--config" and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-        elif arg.startswith("--config="):
-            value, i = arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
+        value, after = config_value(args, i)
+        if value is None:
+            out.append(args[i])
             i += 1
             continue
         for part in expand_config(value):
             out += ["--config", part]
+        i = after
     return out
 
 
@@ -182,7 +206,11 @@ def run_function(function, args: list[str]) -> None:
     auto_cli(function, args=args)
 
 
+EXTRA_COMMANDS = ("tokenizer", "export", "generate", "fill-mask", "plot", "evaluate-code")
+
+
 def extra_commands() -> dict:
+    from lmrecipes.curves import plot_command
     from lmrecipes.evaluation.command import evaluate_code_command
     from lmrecipes.export import export_command, fill_mask_command, generate_command
     from lmrecipes.tokenizers import tokenizer_command
@@ -193,6 +221,7 @@ def extra_commands() -> dict:
         "generate": generate_command,
         "fill-mask": fill_mask_command,
         "evaluate-code": evaluate_code_command,
+        "plot": plot_command,
     }
 
 

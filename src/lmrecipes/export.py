@@ -28,12 +28,21 @@ def module_from_checkpoint(ckpt: str):
 
 
 def record_class(module, checkpoint: dict) -> None:
-    """Store what export needs: the module's class path and the metrics logged so far (plain floats)."""
-    metrics = {}
+    """Store what export needs: the module's class path, the metrics logged so far (plain floats) and the run
+    folder (its curves.png goes into the model card)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    metrics, run_dir = {}, None
     if module._trainer is not None:
         metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items() if v.numel() == 1}
+        csv_logger = next((lg for lg in module.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        run_dir = str(Path(csv_logger.save_dir).resolve()) if csv_logger else None  # where curves.png goes
     cls = type(module)
-    checkpoint["lmrecipes"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "metrics": metrics}
+    checkpoint["lmrecipes"] = {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "metrics": metrics,
+        "run_dir": run_dir,
+    }
 
 
 def model_card(checkpoint: dict) -> str:
@@ -43,18 +52,24 @@ def model_card(checkpoint: dict) -> str:
         "model": checkpoint.get("hyper_parameters", {}),
         "data": checkpoint.get("datamodule_hyper_parameters", {}),
     }
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items()))
+    from lmrecipes.curves import final_metrics, run_curves
+
+    logged = dict(meta.get("metrics", {}))
+    if meta.get("run_dir") and Path(meta["run_dir"]).is_dir():
+        logged.update(final_metrics(Path(meta["run_dir"])))  # the last validation values of the CSV log
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(logged.items()))
+    curves = "![training curves](curves.png)\n\n" if run_curves(checkpoint) else ""
     return (
         "---\nlibrary_name: transformers\ntags: [lmrecipes]\n---\n\n"
         f"# {meta.get('class_path', 'model').rsplit('.', 1)[-1]} trained with lmrecipes\n\n"
         f"Optimizer steps: {checkpoint.get('global_step', 0)}, epochs: {checkpoint.get('epoch', 0)}.\n\n"
-        f"| metric | value |\n|---|---|\n{metrics}\n\n"
+        f"| metric | value |\n|---|---|\n{metrics}\n\n{curves}"
         f"## Training configuration\n\n```yaml\n{yaml.safe_dump(hparams, sort_keys=False)}```\n"
     )
 
 
-def save_hf_folder(module, out: Path, *, card: str) -> None:
-    """Write model, tokenizer and card to ``out`` (its parent must exist)."""
+def save_hf_folder(module, out: Path, *, card: str, curves: Path | None = None) -> None:
+    """Write model, tokenizer, card (and the run's curves.png, which the card shows) to ``out``."""
     from transformers import AutoTokenizer
 
     model = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
@@ -63,6 +78,8 @@ def save_hf_folder(module, out: Path, *, card: str) -> None:
     if tokenizer_path:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
     (out / "README.md").write_text(card)
+    if curves is not None:
+        shutil.copyfile(curves, out / "curves.png")
 
 
 def export_command(
@@ -85,7 +102,9 @@ def export_command(
     staging = out_path.with_name(out_path.name + ".tmp-export")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_hf_folder(module, staging, card=model_card(checkpoint))
+    from lmrecipes.curves import run_curves
+
+    save_hf_folder(module, staging, card=model_card(checkpoint), curves=run_curves(checkpoint))
     if out_path.exists():
         shutil.rmtree(out_path)
     staging.rename(out_path)  # a failed export never leaves a half-written `out`
@@ -115,6 +134,7 @@ def generate(
     prompts: list[str],
     *,
     max_new_tokens: int = 64,
+    max_length: int | None = None,
     temperature: float = 0.8,
     top_k: int = 50,
     top_p: float = 0.95,
@@ -123,7 +143,8 @@ def generate(
     only_first_block: bool = False,
     do_sample: bool = True,
 ) -> list[list[str]]:
-    """Completions (prompt excluded) for each prompt, sampled with a fixed seed."""
+    """Completions (prompt excluded) for each prompt, sampled with a fixed seed; ``max_length`` (the prompt's
+    tokens included, as the book's pipeline call) replaces ``max_new_tokens`` when given."""
     from transformers import pipeline, set_seed
 
     set_seed(seed)
@@ -137,11 +158,14 @@ def generate(
     results = []
     for prompt in prompts:
         prompt_len = len(generator.tokenizer(prompt)["input_ids"])
-        if prompt_len >= context:
-            raise ValueError(f"the prompt has {prompt_len} tokens; the model's context is {context}")
+        if prompt_len >= min(context, max_length or context):
+            raise ValueError(f"the prompt has {prompt_len} tokens; the model's context is {context}"
+                             + (f" and max_length is {max_length}" if max_length else ""))  # fmt: skip
         outputs = generator(
             prompt,
-            max_new_tokens=min(max_new_tokens, context - prompt_len),
+            max_new_tokens=min(
+                max_new_tokens if max_length is None else max_length - prompt_len, context - prompt_len
+            ),  # fmt: skip
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
@@ -155,17 +179,30 @@ def generate(
     return results
 
 
+# Sampling settings by name; explicit options win over a preset's.
+GENERATE_PRESETS = {
+    "default": {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "num_return_sequences": 1,
+                "seed": 0, "first_block": False},
+    # Book ch.10 ("Results and Analysis"): complete_code(): temperature 0.4, top_p 0.95, top_k 0, 4 completions,
+    # set_seed(1), first_block; its max_length=64 counts the prompt's tokens too.
+    "book": {"max_length": 64, "temperature": 0.4, "top_k": 0, "top_p": 0.95, "num_return_sequences": 4,
+             "seed": 1, "first_block": True},
+}  # fmt: skip
+
+
 def generate_command(
     model: str,
     *,
-    prompt: list[str],
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 0.95,
-    num_return_sequences: int = 1,
-    seed: int = 0,
-    first_block: bool = False,
+    prompt: list[str] | str,
+    preset: str = "default",
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_return_sequences: int | None = None,
+    seed: int | None = None,
+    first_block: bool | None = None,
     greedy: bool = False,
     json_out: bool = False,
 ) -> list[list[str]]:
@@ -173,33 +210,49 @@ def generate_command(
 
     Args:
         model: exported folder (or any causal-LM folder with a tokenizer).
-        prompt: one or more prompts.
-        max_new_tokens: tokens to generate per completion.
-        temperature: sampling temperature.
-        top_k: keep the k most likely tokens (0 = off).
-        top_p: nucleus sampling mass.
-        num_return_sequences: completions per prompt.
-        seed: sampling seed.
+        prompt: a prompt, or several as a list (``--prompt '["a", "b"]'``).
+        preset: sampling settings by name: ``default`` or ``book`` (the book's complete_code: temperature 0.4,
+            top-p 0.95, top-k 0, 4 completions, seed 1, first_block, 64 tokens with the prompt).
+        max_new_tokens: tokens to generate per completion (default 64).
+        max_length: tokens per completion counting the prompt (the book's max_length); wins over max_new_tokens.
+        temperature: sampling temperature (default 0.8).
+        top_k: keep the k most likely tokens (0 = off; default 50).
+        top_p: nucleus sampling mass (default 0.95).
+        num_return_sequences: completions per prompt (default 1).
+        seed: sampling seed (default 0).
         first_block: cut each completion at the next top-level def/class/if/print/comment (the book's filter).
         greedy: greedy decoding instead of sampling.
         json_out: print JSON instead of text.
     """
+    if preset not in GENERATE_PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(GENERATE_PRESETS)}")
+    given = {"max_new_tokens": max_new_tokens, "max_length": max_length, "temperature": temperature,
+             "top_k": top_k, "top_p": top_p, "num_return_sequences": num_return_sequences, "seed": seed,
+             "first_block": first_block}  # fmt: skip
+    settings = {**GENERATE_PRESETS["default"], **GENERATE_PRESETS[preset]}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if max_new_tokens is not None:
+        settings.pop("max_length", None)  # an explicit max_new_tokens wins over a preset's max_length
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("--prompt is empty; expected a prompt or a list of prompts")
     results = generate(
         model,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        num_return_sequences=num_return_sequences,
-        seed=seed,
-        only_first_block=first_block,
+        prompts,
+        max_new_tokens=settings["max_new_tokens"],
+        max_length=settings.get("max_length"),
+        temperature=settings["temperature"],
+        top_k=settings["top_k"],
+        top_p=settings["top_p"],
+        num_return_sequences=settings["num_return_sequences"],
+        seed=settings["seed"],
+        only_first_block=settings["first_block"],
         do_sample=not greedy,
     )
     if json_out:
-        print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompt, results)], indent=2))
+        print(json.dumps([{"prompt": p, "completions": c} for p, c in zip(prompts, results)], indent=2))
     else:
-        for p, completions in zip(prompt, results):
+        for p, completions in zip(prompts, results):
             for c in completions:
                 print(f"{p}{c}\n{'-' * 40}")
     return results

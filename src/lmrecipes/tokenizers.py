@@ -197,8 +197,8 @@ def tokenizer_command(
     vocab_size: int = 32768,
     base: str | None = None,
     keywords: list[str] | None = None,
-    max_docs: int | None = None,
-    max_chars: int | None = 50_000_000,
+    max_docs: int | None = 200_000,
+    max_chars: int | None = None,
     report_docs: int = 200,
     min_frequency: int = 2,
     text_column: str = "content",
@@ -211,11 +211,13 @@ def tokenizer_command(
     Args:
         source: ``python-install``, a directory, local files (jsonl/json/csv/parquet/txt, globs) or a Hub dataset id.
         out: folder to write (tokenizer files and ``tokenizer_report.json``).
-        vocab_size: vocabulary size (the book uses 32,768).
-        base: retrain this tokenizer's pipeline with ``train_new_from_iterator`` (e.g. ``gpt2``) and compare to it.
+        vocab_size: vocabulary size (book ch.10: 32,768).
+        base: retrain this tokenizer's pipeline with ``train_new_from_iterator`` and compare to it (book ch.10:
+            ``openai-community/gpt2``, needs the Hub); None trains the same GPT-2 byte-level BPE pipeline (256-byte
+            base alphabet, GPT-2's pre-tokenizer) from scratch, offline.
         keywords: keep only documents containing one of these strings (the course's filter).
-        max_docs: stop after this many kept documents.
-        max_chars: stop after this many characters of kept text.
+        max_docs: stop after this many kept documents (book ch.10: length = 200,000).
+        max_chars: stop after this many characters of kept text (None: no limit).
         report_docs: last kept documents held out from training to measure the report on.
         min_frequency: minimum pair frequency for a merge.
         text_column: column holding the text.
@@ -225,6 +227,9 @@ def tokenizer_command(
     """
     from lmrecipes.data.filters import FilterPipeline  # the data stack is heavy; load on use
     from lmrecipes.data.sources import open_source
+    from lmrecipes.hub import require_hub
+
+    require_hub({"source": source, "base": base})
 
     if report_docs < 1:
         raise ValueError(

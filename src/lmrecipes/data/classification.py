@@ -98,7 +98,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         """
         Args:
             tokenizer: tokenizer folder, Hub id or ``package://module/folder`` (the model's).
-            train_source: Hub dataset id (``glue`` with ``dataset_config: mrpc``), local files, or
+            train_source: Hub dataset id (``nyu-mll/glue`` with ``dataset_config: mrpc``), local files, or
                 ``python-function-pairs`` (docstring/function pairs from this interpreter's Python files).
             val_source: validation source (default: ``train_source`` with ``val_split``).
             test_source: test source (default: ``train_source`` with ``test_split``).
@@ -164,7 +164,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         sources = {"train": h.train_source, "validation": h.val_source, "test": h.test_source,
                    "predict": h.predict_source or h.test_source}  # fmt: skip
         splits = {"train": h.train_split, "validation": h.val_split, "test": h.test_split,
-                  "predict": h.predict_split if h.predict_source else h.test_split}  # fmt: skip
+                  "predict": h.predict_split}  # fmt: skip
         spec = sources[split] or h.train_source
         if not _local_files(spec):
             return spec, splits[split]
@@ -239,7 +239,12 @@ class ClassificationDataModule(pl.LightningDataModule):
                 f"the {split} split has {len(features) - labelled} unlabelled rows among labelled ones"
             )
         if split != "predict" and labelled == 0:
-            raise ValueError(f"the {split} split has no labels in column {h.label_column!r}")
+            spec, name = self._source_args(split)
+            raise ValueError(
+                f"the {split} split ({spec!r} [{name!r}]) has no labels in column {h.label_column!r} (every row "
+                "is -1 or missing, as in GLUE's test splits, whose labels are private): metrics on it would be "
+                "wrong; use `lmrecipes validate`, or `lmrecipes predict` to label it"
+            )
         rank_zero_info(f"{split}: {len(features):,} examples")
         return Examples(features)
 

@@ -74,7 +74,7 @@ class CodeDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         heldout_fraction: float = 0.02,
-        val_max_docs: int = 1000,
+        val_max_docs: int | None = 1000,
         shuffle_seed: int = 0,
         train_tokenizer_vocab: int | None = None,
         train_tokenizer_max_chars: int = 20_000_000,
@@ -104,7 +104,7 @@ class CodeDataModule(pl.LightningDataModule):
             val_batch_size: validation batch size (default ``batch_size``).
             num_workers: DataLoader worker processes; streaming tokenization runs inside them.
             heldout_fraction: share of documents held out for validation when ``val_source`` is None.
-            val_max_docs: validation documents read at most (per run, before packing).
+            val_max_docs: validation documents read at most (per run, before packing); None reads them all.
             shuffle_seed: seed of the per-epoch window order in pre-tokenized mode.
             train_tokenizer_vocab: vocabulary size of a tokenizer trained when ``tokenizer`` is missing.
             train_tokenizer_max_chars: characters of training text read for tokenizer training.
@@ -255,7 +255,7 @@ class CodeDataModule(pl.LightningDataModule):
                 if (h.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
                     docs.append((len(docs), doc))
                     bar.update()
-                    if len(docs) >= h.val_max_docs:
+                    if h.val_max_docs is not None and len(docs) >= h.val_max_docs:
                         break
         ids = tokenize_groups(docs, self.tokenizer)
         windows = [
@@ -279,21 +279,28 @@ class CodeDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _token_windows(self) -> tuple[Path, np.ndarray, np.ndarray, dict]:
+        """(cache folder, memory-mapped tokens, window starts, stats) of the pre-tokenized training set."""
+        h = self.hparams
+        folder = ensure_token_file(Path(h.cache_dir), self._cache_key(), self._train_docs, self.tokenizer,
+                                   mode=h.packing, progress=h.progress)  # fmt: skip
+        tokens, lengths, meta = load_token_file(folder)
+        return folder, tokens, window_starts(lengths, seq_len=h.seq_len, mode=h.packing), meta
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches per rank that use every training window once (pre-tokenized data); None when streamed, whose
+        length nobody knows before reading it all."""
+        if not self.hparams.pretokenize:
+            return None
+        _, world = self._rank_world()
+        return len(self._token_windows()[2]) // (self.hparams.batch_size * world)
+
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         rank, world = self._rank_world()
         resume = self._resume_for(rank, world)
         if h.pretokenize:
-            folder = ensure_token_file(
-                Path(h.cache_dir),
-                self._cache_key(),
-                self._train_docs,
-                self.tokenizer,
-                mode=h.packing,
-                progress=h.progress,
-            )
-            tokens, lengths, meta = load_token_file(folder)
-            starts = window_starts(lengths, seq_len=h.seq_len, mode=h.packing)
+            folder, tokens, starts, meta = self._token_windows()
             packed = len(starts) * h.seq_len / max(1, len(tokens))
             rank_zero_info(
                 f"pre-tokenized cache {folder}: {meta['documents']:,} documents, {meta['tokens']:,} "

@@ -73,6 +73,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         streaming: bool = False,
         on_error: str = "skip",
         heldout_fraction: float = 0.1,
+        heldout: str = "documents",
         max_docs: int | None = None,
         chunk_size: int = 128,
         train_size: int | None = None,
@@ -93,7 +94,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         Args:
             tokenizer: fast tokenizer folder, Hub id or ``package://module/folder`` (usually the model's).
             train_source: ``python-docstrings`` (docstrings and comments of this interpreter's Python files),
-                ``docstrings:<dir>``, a directory, local files, or a Hub dataset id (``imdb`` in the course).
+                ``docstrings:<dir>``, a directory, local files, or a Hub dataset id (``stanfordnlp/imdb`` in the course).
             val_source: evaluation source; None holds out ``heldout_fraction`` of the training documents by path.
             text_column: column holding the text (``text`` for imdb).
             train_split: split of ``train_source``.
@@ -101,6 +102,10 @@ class MaskedTextDataModule(pl.LightningDataModule):
             streaming: stream Hub datasets.
             on_error: ``error`` or ``skip`` unreadable files / bad records.
             heldout_fraction: share of documents (by path hash) held out for evaluation.
+            heldout: ``documents`` holds whole documents out (``heldout_fraction``: no text is in both sets);
+                ``chunks`` is the course's down-sampling: the training documents' chunks split into
+                ``train_size`` / ``eval_size`` by ``Dataset.train_test_split(seed=downsample_seed)``'s permutation,
+                so a review can be in both (compare with the course's numbers like for like).
             max_docs: read at most this many documents per split.
             chunk_size: tokens per chunk (the course: 128); at most the model's maximum length.
             train_size: down-sample the training chunks to this many (the course: 10,000); None keeps all.
@@ -120,6 +125,13 @@ class MaskedTextDataModule(pl.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        if heldout not in ("documents", "chunks"):
+            raise ValueError(f"data.heldout={heldout!r} is not one of ('documents', 'chunks')")
+        if heldout == "chunks" and (train_size is None or eval_size is None or val_source is not None):
+            raise ValueError(
+                f"data.heldout='chunks' splits one pool of chunks: it needs train_size and eval_size (the course: "
+                f"10000 and 1000) and no val_source; got {train_size=}, {eval_size=}, {val_source=}"
+            )
         if on_error not in ("error", "skip"):
             raise ValueError(f"data.on_error={on_error!r} is not one of ('error', 'skip')")
         if not 0 < (wwm_probability if whole_word_mask else mlm_probability) < 1:
@@ -130,6 +142,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.chunk_size={chunk_size} exceeds the tokenizer's model_max_length={limit}")
         self._train: ChunkDataset | None = None
         self._val_batches: list[dict] | None = None
+        self._pool: tuple[np.ndarray, np.ndarray] | None = None  # heldout='chunks': every chunk, split later
         self._train_batches = 0  # every rank's training batches so far: the mask generator's counter
         self._position = TrainPosition()
 
@@ -152,7 +165,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         source = open_source(h.val_source if use_val else h.train_source, text_column=h.text_column,
                              split=h.val_split if use_val else h.train_split, streaming=h.streaming,
                              on_error=h.on_error, progress=h.progress)  # fmt: skip
-        heldout = 0.0 if h.val_source is not None else h.heldout_fraction
+        heldout = 0.0 if h.val_source is not None or split == "all" else h.heldout_fraction
         want_heldout = split == "val"
         if (
             isinstance(source, (SourceTree, DocstringSource)) and heldout
@@ -172,6 +185,8 @@ class MaskedTextDataModule(pl.LightningDataModule):
         return texts
 
     def _chunks(self, split: str, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hparams.heldout == "chunks":
+            return self._course_chunks(split)
         texts = self._documents(split)
         backend = whole_document_backend(self.tokenizer)
         encodings = backend.encode_batch([sanitize_text(t) for t in texts])  # with [CLS]/[SEP], as the course
@@ -186,6 +201,24 @@ class MaskedTextDataModule(pl.LightningDataModule):
             f"{split}: {len(texts):,} documents -> {len(ids):,} chunks of {self.hparams.chunk_size} tokens"
         )
         return torch.from_numpy(ids), torch.from_numpy(words)
+
+    def _course_chunks(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The course's ``train_test_split(train_size, test_size, seed)`` over all chunks of the training
+        documents: eval = permutation[:eval_size], train = the next train_size, with datasets' arithmetic."""
+        h = self.hparams
+        if self._pool is None:
+            texts = self._documents("all")
+            encodings = whole_document_backend(self.tokenizer).encode_batch([sanitize_text(t) for t in texts])
+            self._pool = chunk_with_word_ids((e.ids for e in encodings), (e.word_ids for e in encodings),
+                                             h.chunk_size)  # fmt: skip
+        ids, words = self._pool
+        if h.train_size + h.eval_size > len(ids):
+            raise ValueError(f"data.heldout='chunks' needs train_size + eval_size = {h.train_size + h.eval_size} "
+                             f"chunks; the training documents give {len(ids)}")  # fmt: skip
+        order = np.random.default_rng(h.downsample_seed).permutation(len(ids))
+        keep = order[: h.eval_size] if split == "val" else order[h.eval_size : h.eval_size + h.train_size]
+        rank_zero_info(f"{split}: {len(keep):,} of {len(ids):,} chunks (the course's down-sampling)")
+        return torch.from_numpy(ids[keep]), torch.from_numpy(words[keep])
 
     def setup(self, stage: str) -> None:
         h = self.hparams

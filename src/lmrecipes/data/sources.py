@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
 import hashlib
 import json
 import os
 import re
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,18 +238,24 @@ class JsonlFiles(DocumentSource):
         return _short_hash(_file_stats(self.files))
 
     def iter_raw(self, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """Yield one document per non-blank line; lines before ``start`` are counted but not parsed."""
+        """Yield one document per non-blank line; lines before ``start`` are counted but not parsed. A ``.gz``
+        file is read through gzip (the book's ``*.json.gz``); one that is cut short or corrupt ends there."""
         index = 0
         for file in self.files:
-            with open(file, "rb") as handle:
-                for lineno, raw in enumerate(handle, start=1):
-                    if not raw.strip():
-                        continue  # blank lines are formatting, not records: no index
-                    if index >= start:
-                        doc = self._parse(raw, location=f"{file}:{lineno}")
-                        if doc is not None:
-                            yield index, doc
-                    index += 1
+            lineno = 0
+            with (gzip.open if file.endswith(".gz") else open)(file, "rb") as handle:
+                try:
+                    for lineno, raw in enumerate(handle, start=1):
+                        if not raw.strip():
+                            continue  # blank lines are formatting, not records: no index
+                        if index >= start:
+                            doc = self._parse(raw, location=f"{file}:{lineno}")
+                            if doc is not None:
+                                yield index, doc
+                        index += 1
+                except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                    self._bad_record(f"{file}:{lineno + 1}: {err}; expected a complete gzip file of JSON "
+                                     "lines (truncated download?)", reason="bad_gzip")  # fmt: skip
 
     def _parse(self, raw: bytes, *, location: str) -> dict | None:
         try:
@@ -335,16 +343,19 @@ class HFDataset(DocumentSource):
 def _kind_of(part: str) -> str:
     if os.path.isdir(part):
         return "tree"
-    suffix = os.path.splitext(part)[1].lower()
-    if suffix in _JSONL_SUFFIXES:
+    suffix = os.path.splitext(part.removesuffix(".gz"))[1].lower()
+    if suffix in _JSONL_SUFFIXES:  # also gzip-compressed: .jsonl.gz, .json.gz
         return "jsonl"
     if suffix in _HF_BUILDERS:
         return _HF_BUILDERS[suffix]
     if not os.path.exists(part) and _HUB_ID.fullmatch(part):
         return "hub"
+    matches = sorted(glob.glob(part, recursive=True)) if any(c in part for c in "*?[") else []
+    if matches and not os.path.isdir(matches[0]):
+        return _kind_of(matches[0])  # a glob like data/*.gz: the kind of the files it matches
     raise SourceError(
-        f"source {part!r} is not understood; expected 'python-install', a directory, a .jsonl/.json/.csv/"
-        ".parquet/.txt path or glob, or a Hub id ('owner/name')"
+        f"source {part!r} is not understood; expected 'python-install', a directory, a .jsonl/.json (also "
+        ".gz)/.csv/.parquet/.txt path or glob, or a Hub id ('owner/name')"
     )
 
 

@@ -22,14 +22,25 @@ from lmrecipes.evaluation.generation import Sampling, complete, sample_seed, sam
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_model(model: str) -> None:
+    """A local checkpoint or folder, or a namespaced Hub id that this run can reach (named when it cannot)."""
+    if Path(model).exists():
+        return
+    from lmrecipes.hub import is_hub_id, require_hub
+
+    if not is_hub_id(model):
+        raise ValueError(f"model={model!r} is not a checkpoint file, an exported folder or a Hub id")
+    require_hub({"model": model})
+
+
 def load_causal_lm(model: str, *, dtype: str = "float32"):
     """(model in eval mode, tokenizer) from an exported folder, an ``lmrecipes fit`` checkpoint or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
-    path = Path(model)
-    if path.is_file():
+    check_model(model)
+    if Path(model).is_file():
         from lmrecipes.export import module_from_checkpoint
 
         module, _ = module_from_checkpoint(model)
@@ -37,17 +48,12 @@ def load_causal_lm(model: str, *, dtype: str = "float32"):
         if not tokenizer_path:
             raise ValueError(f"{model} records no tokenizer_path; export it and evaluate the exported folder")
         lm, tokenizer = module.model, AutoTokenizer.from_pretrained(tokenizer_path)
-    elif path.is_dir() or "/" in model:
+    else:
         try:
             lm = AutoModelForCausalLM.from_pretrained(model)
             tokenizer = AutoTokenizer.from_pretrained(model)
         except OSError as err:
-            where = "folder" if path.is_dir() else "Hub model id (it needs the Hub or its local cache)"
-            raise ValueError(f"cannot load a causal LM from the {where} {model!r}: {err}") from None
-    else:
-        raise ValueError(
-            f"model={model!r} is not a checkpoint file, an exported folder or a namespaced Hub id"
-        )
+            raise ValueError(f"cannot load a causal LM with its tokenizer from {model!r}: {err}") from None
     return lm.to(DTYPES[dtype]).eval(), tokenizer
 
 
@@ -168,6 +174,9 @@ def evaluate_code_command(
     )
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size} must be at least 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
+    check_model(model)  # before any process starts
     folder = Path(output_dir)
     records, truncated = _generate(
         model, task_problems, sampling, folder, problems_file=problems, overwrite=overwrite, dtype=dtype,

@@ -46,7 +46,8 @@ class RecipeModule(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError(
-                "the learning-rate schedule needs the number of optimizer steps: set trainer.max_steps "
+                "the learning-rate schedule needs the number of optimizer steps: set trainer.max_steps, or "
+                "data.pretokenize: true with trainer.max_epochs so the epochs are counted from the data "
                 f"(streamed data has no length; Lightning estimated {total})"
             )
         optimizer, scheduler = build_optimizer(
