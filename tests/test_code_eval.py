@@ -190,7 +190,9 @@ def test_execution_needs_the_flag_and_workers(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="--workers 0"):
         evaluate(str(tiny_lm), "--allow_code_execution", "true", "--workers", "0")
     assert not (tmp_path / "x").exists()  # refused before anything was written
-    with pytest.raises(ValueError, match="'no-such-model' is neither a local path nor a Hub id with a namespace"):
+    with pytest.raises(
+        ValueError, match="'no-such-model' is neither a local path nor a Hub id with a namespace"
+    ):
         evaluate("no-such-model", "--allow_code_execution", "true", "--output_dir", str(tmp_path / "y"))
 
 

@@ -85,7 +85,7 @@ def test_the_readme_wandb_logger_snippet_instantiates(tiny_bert, tmp_path, monke
     from lightning.pytorch.loggers import WandbLogger
 
     readme = (REPO / "README.md").read_text()
-    snippet = readme.split("```yaml\n# Weights & Biases", 1)[1].split("```", 1)[0]
+    snippet = "# Weights & Biases" + readme.split("```yaml\n# Weights & Biases", 1)[1].split("```", 1)[0]
     (tmp_path / "wandb.yaml").write_text(snippet)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
