@@ -252,7 +252,11 @@ def problems_file(tmp_path_factory) -> Path:
     always = {**inside_string, "task_id": "any/0", "test": "'''\n\ndef check(f):\n    assert f() == 1\n"}
     never = {**inside_string, "task_id": "any/1", "test": "'''\n\ndef check(f):\n    assert f() == 2\n"}
     path = tmp_path_factory.mktemp("problems") / "three.jsonl"
-    rows = [always, never, load_problems()["HumanEval/0"]]
+    rows = [
+        never,
+        always,
+        load_problems()["HumanEval/0"],
+    ]  # under 2 processes the one that passes is rank 1's
     path.write_text("".join(json.dumps(p) + "\n" for p in rows))
     return path
 
@@ -323,3 +327,17 @@ def test_a_checkpoint_copied_elsewhere_is_evaluated(
              "--allow_code_execution", "true", "--output_dir", "eval")  # fmt: skip
     results = json.loads((copy.parent / "eval" / "results.json").read_text())
     assert results["pass@1"] == pytest.approx(1 / 3) and len(results["samples"]) == 3
+
+
+@pytest.mark.slow
+def test_callback_shares_the_problems_between_two_processes(code_tree, problems_file, tmp_path):
+    from test_cli import fit_args
+    from test_resilience import run_cli
+
+    config = callback_config(tmp_path / "cb.yaml", problems_file)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    proc = run_cli(fit_args(code_tree, tmp_path, "--config", config, *ddp), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 completes problems 0 and 2 (both fail), rank 1 problem 1 (passes): 1/3 only if the counts are summed
+    third = pytest.approx(1 / 3)
+    assert metric_rows(tmp_path, "val/humaneval_pass@1") == [(3, third), (6, third)]
