@@ -213,6 +213,31 @@ def test_corrupt_checkpoints_are_detected_and_last_falls_back(tmp_path):
     assert resolve_ckpt_path(str(tmp_path / "step4.ckpt"), None) == str(tmp_path / "step4.ckpt")
 
 
+def test_only_what_the_zip_proves_damaged_is_set_aside(tmp_path):
+    """A load error is not proof of damage: an intact zip torch cannot read is named and left in place, a
+    checkpoint in torch's legacy (non-zip) format is usable; an empty file is set aside like a truncated one."""
+    import zipfile
+
+    good = {"state_dict": {"w": torch.ones(3)}, "global_step": 2, "loops": {}, "optimizer_states": []}
+    torch.save(good, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "other.ckpt", "w") as archive:  # intact CRCs, no data.pkl inside
+        archive.writestr("notes.txt", "not a checkpoint")
+    for age, name in enumerate(["legacy.ckpt", "empty.ckpt", "other.ckpt"]):
+        os.utime(tmp_path / name, (age + 1, age + 1))  # other.ckpt newest
+
+    assert checkpoint_problem(tmp_path / "legacy.ckpt") is None
+    assert "truncated or corrupt (empty file)" in checkpoint_problem(tmp_path / "empty.ckpt")
+    assert checkpoint_problem(tmp_path / "other.ckpt").startswith("not loadable (RuntimeError: ")
+    with pytest.warns(UserWarning, match=r"other.ckpt: not loadable \(RuntimeError") as caught:
+        chosen = resolve_ckpt_path("last", tmp_path, quarantine=True)
+    assert chosen == str(tmp_path / "legacy.ckpt")
+    assert "empty.ckpt: truncated or corrupt (empty file) (renamed to empty.ckpt.corrupt)" in str(
+        caught[0].message
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.ckpt.corrupt", "legacy.ckpt", "other.ckpt"]
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import random
 

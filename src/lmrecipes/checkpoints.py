@@ -61,25 +61,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # every torch.save file since torch 1.6 is a zip archive that starts with it
+
+
 def inspect_checkpoint(path: str | Path, *, training: bool = True) -> tuple[str | None, bool]:
     """(why ``path`` cannot be used, or None; whether it is damaged for good, as opposed to unreadable right now
     or merely of another kind). ``training``: a fit resumes from it, so it needs the optimizer states too.
 
-    ``torch.load`` reads a bit-flipped tensor without complaint; the zip CRCs catch it, so both are checked.
+    Only what the zip container proves damaged (a broken structure, a failed CRC: ``torch.load`` reads a
+    bit-flipped tensor without complaint) counts as damaged; any other load error is reported, not condemned.
     """
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            return f"CRC check failed for {bad} (corrupt data)", True
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        damage, is_zip = _zip_damage(path)
+        if damage is not None:
+            return damage, True
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except FileNotFoundError:
         return "file not found", False
     except pickle.UnpicklingError as err:
         return f"not loadable with weights_only=True ({str(err).splitlines()[0][:160]})", False
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        return f"truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:160]})", True
+    except (RuntimeError, EOFError, ValueError) as err:  # e.g. another torch's format: not proof of damage
+        return f"not loadable ({type(err).__name__}: {str(err).splitlines()[0][:160]})", False
     except OSError as err:  # permissions, a flaky network filesystem: not a reason to set the file aside
         return f"unreadable ({err})", False
     required = (*REQUIRED_KEYS, "optimizer_states") if training else REQUIRED_KEYS
@@ -90,6 +93,25 @@ def inspect_checkpoint(path: str | Path, *, training: bool = True) -> tuple[str 
             False,
         )
     return None, False
+
+
+def _zip_damage(path: Path) -> tuple[str | None, bool]:
+    """(what the zip structure or CRCs prove damaged, or None; whether the file is a zip archive at all).
+    An empty file is damaged too (a write that never got under way); a file of another format is not."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
+        return "truncated or corrupt (empty file)", False
+    if head != ZIP_MAGIC:
+        return None, False  # the legacy torch.save format, or not a checkpoint: torch.load decides
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as err:  # starts as a zip, but its directory is cut off or garbled
+        return f"truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0][:160]})", True
+    if bad is not None:
+        return f"CRC check failed for {bad} (corrupt data)", True
+    return None, True
 
 
 def checkpoint_problem(path: str | Path, *, training: bool = True) -> str | None:
