@@ -37,12 +37,13 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, start_new_session=True)  # fmt: skip
 
 
-def callbacks_config(path: Path, log: Path, *extra: dict) -> str:
-    """A config file whose callbacks save every 2 steps (keeping all), log every batch, and inject ``extra``."""
+def callbacks_config(path: Path, log: Path, *extra: dict, every: int = 2) -> str:
+    """A config file whose callbacks save every ``every`` steps (keeping all), log every batch, and inject
+    ``extra``."""
     checkpoint = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": CKPTS, "filename": "step{step}", "auto_insert_metric_name": False,
-                      "every_n_train_steps": 2, "save_top_k": -1, "save_last": True},
+                      "every_n_train_steps": every, "save_top_k": -1, "save_last": True},
     }  # fmt: skip
     log_cb = {"class_path": "faults.StepLog", "init_args": {"path": str(log)}}
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint, log_cb, *extra]}}))
@@ -136,6 +137,31 @@ def stop_resume_chain(
 def test_sigterm_sigkill_and_corrupt_last_resume_exactly_one_process_two_workers(code_tree, tmp_path):
     # SIGTERM to the whole process group, DataLoader workers included (as SLURM does): the workers ignore it.
     stop_resume_chain(code_tree, tmp_path, "--data.init_args.num_workers", "2", sigterm_rank=0, group=True)
+
+
+@pytest.mark.slow
+def test_preempted_twice_then_finished_leaves_one_last_ckpt_with_the_final_step(code_tree, tmp_path):
+    """As a user would: checkpoints every 100 steps, so only the preemption saves write last.ckpt. Stop at step 3,
+    resume, stop at step 6, resume to the end: one last.ckpt (never last-v1.ckpt) holding step 8, and the losses
+    of an uninterrupted run."""
+    tok, straight, chain = tmp_path / "tok", tmp_path / "straight", tmp_path / "chain"
+    for run in (straight, chain):
+        run.mkdir()
+    plain = callbacks_config(straight / "cb.yaml", straight / "log", every=100)
+    done = run_cli(chain_args(code_tree, straight, tok, plain), straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    log, last = chain / "log", chain / CKPTS / "last.ckpt"
+    for i, (stop, resume) in enumerate(
+        [(3, []), (6, ["--ckpt_path", "last"]), (None, ["--ckpt_path", "last"])]
+    ):
+        extra = [signal_at("SIGTERM", step=stop)] if stop else []
+        config = callbacks_config(chain / f"cb{i}.yaml", log, *extra, every=100)
+        proc = run_cli(chain_args(code_tree, chain, tok, config, *resume), chain)
+        assert proc.returncode == (128 + signal.SIGTERM if stop else 0), proc.stderr[-3000:]
+        assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+        assert torch.load(last, weights_only=True)["global_step"] == (stop or 8)
+    assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
 
 
 def test_nonfinite_loss_stop_policy_names_the_step_and_rank(code_tree, tmp_path):

@@ -123,7 +123,11 @@ class Preemption(Callback):
         signum = max_over_ranks(self._received, trainer.strategy.root_device)
         if not signum:
             return
-        path = self._path(trainer)
+        path, owner = self._path(trainer)
+        if owner is not None:
+            # ModelCheckpoint's public record of its last checkpoint is saved in the checkpoint and restored on
+            # resume: naming this file there makes its next save replace it, not write last-v1.ckpt beside it.
+            owner.last_model_path = path
         trainer.save_checkpoint(path)  # every rank takes part (positions and RNG states are gathered)
         name = signal.Signals(signum).name
         requeued = self._requeue(trainer) if name in self.requeue_signals else ""
@@ -133,13 +137,15 @@ class Preemption(Callback):
         )
         raise Preempted(128 + signum)
 
-    def _path(self, trainer: pl.Trainer) -> str:
+    def _path(self, trainer: pl.Trainer) -> tuple[str, ModelCheckpoint | None]:
+        """Where to save, and the ModelCheckpoint whose ``last.ckpt`` that is (None: a file of our own)."""
         if self.checkpoint:
-            return self.checkpoint
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-                return str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-        return str(Path(trainer.default_root_dir) / "preempted.ckpt")
+            return self.checkpoint, None
+        found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        for cb in sorted(found, key=lambda cb: not cb.save_last):  # the one that keeps a last.ckpt first
+            path = str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+            return path, cb if cb.save_last else None
+        return str(Path(trainer.default_root_dir) / "preempted.ckpt"), None
 
     @staticmethod
     def _requeue(trainer: pl.Trainer) -> str:
