@@ -19,9 +19,8 @@ from lmrecipes.checkpoints import (
     AtomicCheckpointIO,
     checkpoint_problem,
     resolve_ckpt_path,
-    rng_state,
-    set_rng_state,
 )
+from lmrecipes.resume import rng_state, set_rng_state
 
 TESTS = Path(__file__).resolve().parent
 DROPOUT_MODEL = (
@@ -280,7 +279,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 
 def _resume_choice(rank: int, port: int, chosen: list, errors) -> None:
-    from lmrecipes.checkpoints import check_same_resume
+    from lmrecipes.resume import check_same_resume
 
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2

@@ -177,7 +177,7 @@ class RecipeReport(pl.Callback):
             "hyper_parameters": dict(pl_module.hparams),
             "datamodule_hyper_parameters": dict(trainer.datamodule.hparams),
         }
-        record_class(pl_module, checkpoint)
+        record_class(pl_module, checkpoint, trainer)
         save_hf_folder(pl_module, out, card=model_card(checkpoint), curves=run_curves(checkpoint))
         lines = [f"exported the model to {out}"]
         if getattr(pl_module, "pipeline_task", "text-generation") == "fill-mask":

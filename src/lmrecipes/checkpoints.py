@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: atomic writes, corruption checks, ``--ckpt_path last`` fallback, RNG states.
+"""Checkpoints that survive crashes: atomic writes, corruption checks, the ``--ckpt_path last`` fallback.
 
 Lightning's own "atomic" save buffers the whole checkpoint in memory, writes it to a file in the *system* temp
 folder and moves it into place; when that folder is on another filesystem (local /tmp, checkpoints on NFS or
@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import random
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-from lmrecipes.ranks import distributed, gather_from_ranks
 
 REQUIRED_KEYS = ("state_dict", "global_step", "loops")
 TMP_SUFFIX = ".tmp"
@@ -185,27 +181,6 @@ def resolve_ckpt_path(
     return ckpt_path
 
 
-def check_same_resume(chosen: str | None) -> None:
-    """Every rank resolves ``--ckpt_path`` on its own; ranks that chose different checkpoints (or some none) would
-    hang in their first collective, so compare (by name and size: mount points may differ between nodes)."""
-    if not distributed():
-        return
-    mine = None
-    if chosen is not None:
-        mine = (
-            f"{Path(chosen).name} ({os.path.getsize(chosen)} bytes)"
-            if os.path.isfile(chosen)
-            else str(chosen)
-        )
-    everyone = gather_from_ranks(mine)
-    if any(choice != everyone[0] for choice in everyone):
-        detail = "; ".join(f"rank {rank}: {choice or 'none'}" for rank, choice in enumerate(everyone))
-        raise ValueError(
-            f"the ranks chose different checkpoints to resume from ({detail}): check that every node sees the "
-            "same checkpoint folder"
-        )
-
-
 def remove_partial_saves(folder: str | Path) -> list[Path]:
     """Delete temporary files left by saves that were killed mid-write (each can be as large as a checkpoint)."""
     removed = []
@@ -213,33 +188,3 @@ def remove_partial_saves(folder: str | Path) -> list[Path]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
-
-
-# -- RNG states: dropout (and anything else drawn from the global generators) continues exactly on resume --
-
-
-def rng_state() -> dict:
-    """This process's global RNG states as plain types and tensors (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(_as_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_tuples(value):
-    # random.setstate needs tuples; a checkpoint round trip may give lists
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -45,32 +45,36 @@ class RecipeCLI(LightningCLI):
         check_resume_config(config)
         check_hub_values(config)
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
+    def instantiate_trainer(self, **kwargs):
         """Every run gets atomic checkpoint writes, save-and-exit on preemption signals, the non-finite loss
-        policy, epochs counted from the data and curves.png at the end of fit, unless the config chose its own."""
+        policy, epochs counted from the data, curves.png at the end of fit and exact resume, unless the config
+        chose its own."""
         from lightning.pytorch.plugins.io import CheckpointIO
 
         from lmrecipes.callbacks import EpochsFromData
         from lmrecipes.checkpoints import AtomicCheckpointIO
         from lmrecipes.curves import Curves
         from lmrecipes.resilience import NonFiniteLoss, Preemption
+        from lmrecipes.resume import ExactResume
 
-        present = [*(config.get("callbacks") or []), *callbacks]
-        defaults = (Preemption, NonFiniteLoss, EpochsFromData, Curves)
-        callbacks += [cls() for cls in defaults if not any(isinstance(c, cls) for c in present)]
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(
+            "trainer", {}
+        )
         check_launcher_devices(config.get("devices", "auto"), str(config.get("accelerator", "auto")))
-        plugins = config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        callbacks, plugins = as_list(config.get("callbacks")), as_list(config.get("plugins"))
+        defaults = (Preemption, NonFiniteLoss, EpochsFromData, Curves, ExactResume)
+        callbacks += [cls() for cls in defaults if not any(isinstance(c, cls) for c in callbacks)]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        # Checked before anything trains: a corrupt or truncated checkpoint is named, and "last" falls back to the
-        # newest valid one in the ModelCheckpoint folder.
+    def resolve_checkpoint(self) -> None:
+        """Run before every subcommand: a corrupt or truncated checkpoint is named before anything trains, and
+        "last" falls back to the newest valid one in the ModelCheckpoint folder."""
         from lmrecipes.checkpoints import remove_partial_saves, resolve_ckpt_path
+        from lmrecipes.resume import ExactResume
 
-        config = self.config_init[subcommand]
+        config = self.config_init[self.subcommand]
         folder = next(
             (cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None
         )
@@ -79,13 +83,22 @@ class RecipeCLI(LightningCLI):
                 print(f"lmrecipes: removed {tmp} (left by a save that was interrupted)", flush=True)
         asked = config.get("ckpt_path")
         config["ckpt_path"] = resolve_ckpt_path(
-            asked, folder, quarantine=self.trainer.is_global_zero, training=subcommand == "fit"
+            asked, folder, quarantine=self.trainer.is_global_zero, training=self.subcommand == "fit"
         )
-        # Each process resolves on its own; RecipeModule.setup checks that every rank chose the same checkpoint.
-        self.trainer.lmrecipes_resume_from = config["ckpt_path"]
+        for callback in self.trainer.callbacks:  # each process resolves on its own: ExactResume compares
+            if isinstance(callback, ExactResume):
+                callback.resume_from = config["ckpt_path"]
         if asked == "last" and config["ckpt_path"] is None and self.trainer.is_global_zero:
             print(f"lmrecipes: no checkpoint in {folder} yet: starting from scratch", flush=True)
-        super()._run_subcommand(subcommand)
+
+    before_fit = before_validate = before_test = before_predict = resolve_checkpoint
+
+
+def as_list(value) -> list:
+    """A trainer argument that takes one object or a list of them, as a new list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def check_resume_config(config) -> None:

@@ -27,22 +27,20 @@ def module_from_checkpoint(ckpt: str):
     return module.eval(), checkpoint
 
 
-def record_class(module, checkpoint: dict) -> None:
-    """Store what export needs: the module's class path, the metrics logged so far (plain floats) and the run
-    folder (its curves.png goes into the model card)."""
+def record_class(module, checkpoint: dict, trainer=None) -> None:
+    """Store what export needs in ``checkpoint["lmrecipes"]``: the module's class path and, given the ``trainer``,
+    the metrics logged so far (plain floats) and the run folder (its curves.png goes into the model card)."""
     from lightning.pytorch.loggers import CSVLogger
 
     metrics, run_dir = {}, None
-    if module._trainer is not None:
-        metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items() if v.numel() == 1}
-        csv_logger = next((lg for lg in module.trainer.loggers if isinstance(lg, CSVLogger)), None)
+    if trainer is not None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         run_dir = str(Path(csv_logger.save_dir).resolve()) if csv_logger else None  # where curves.png goes
     cls = type(module)
-    checkpoint["lmrecipes"] = {
-        "class_path": f"{cls.__module__}.{cls.__qualname__}",
-        "metrics": metrics,
-        "run_dir": run_dir,
-    }
+    checkpoint.setdefault("lmrecipes", {}).update(  # beside ExactResume's RNG states
+        class_path=f"{cls.__module__}.{cls.__qualname__}", metrics=metrics, run_dir=run_dir
+    )
 
 
 def model_card(checkpoint: dict) -> str:

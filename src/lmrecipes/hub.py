@@ -164,7 +164,7 @@ class PushToHub(pl.Callback):
 
         checkpoint = {"global_step": step, "epoch": trainer.current_epoch,
                       "hyper_parameters": dict(pl_module.hparams)}  # fmt: skip
-        record_class(pl_module, checkpoint)
+        record_class(pl_module, checkpoint, trainer)
         folder = Path(self.staging_dir) / f"step{step}"
         folder.mkdir(parents=True, exist_ok=True)
         save_hf_folder(pl_module, folder, card=model_card(checkpoint))

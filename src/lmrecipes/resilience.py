@@ -86,6 +86,7 @@ class Preemption(Callback):
         # then on, in the workers too: Lightning's SIGTERM handler broadcasts from inside the handler (a collective
         # the other ranks do not expect) and exits without a checkpoint, and its SLURM SIGUSR1 handler saves
         # mid-step from inside the handler. Lightning's teardown restores the handlers it found.
+        # Private: no public hook runs between that registration and the run; tests/test_resume.py checks it.
         connector = getattr(trainer, "_signal_connector", None)
         if stage != "fit" or connector is None:
             return

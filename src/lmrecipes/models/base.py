@@ -1,21 +1,16 @@
-"""What every recipe's LightningModule shares: AdamW + warmup schedule, LR resync on resume, token-weighted
-perplexity, every rank's RNG states in checkpoints, two Lightning resume fixes, and the metadata export needs.
-Subclasses own the model, the loss and their (explicit) arguments."""
+"""What every recipe's LightningModule shares: AdamW + warmup schedule, token-weighted perplexity, and the class
+name export needs. Subclasses own the model, the loss and their (explicit) arguments; what resuming exactly needs
+lives in ``lmrecipes.resume.ExactResume``."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
-from lmrecipes.checkpoints import check_same_resume, rng_state, set_rng_state
-from lmrecipes.optim import build_optimizer, sync_scheduler_lr
-from lmrecipes.ranks import gather_from_ranks
+from lmrecipes.optim import build_optimizer
 
 
 class RecipeModule(pl.LightningModule):
@@ -25,7 +20,6 @@ class RecipeModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
-        self._rng_to_restore: dict | None = None
 
     def update_eval_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         """Accumulate a batch's summed token loss and token count (synced over ranks at epoch end)."""
@@ -56,60 +50,9 @@ class RecipeModule(pl.LightningModule):
         )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self._trainer is not None:
-            check_same_resume(getattr(self.trainer, "lmrecipes_resume_from", None))
-
-    def on_train_start(self) -> None:
-        for config in self.trainer.lr_scheduler_configs:
-            sync_scheduler_lr(config.scheduler)
-        # Lightning 2.6 does not restore ModelCheckpoint's last saved step, so after resuming at step s (a multiple
-        # of every_n_train_steps) with gradient accumulation it saves again after the first micro-batch, in the
-        # middle of an accumulation window: that checkpoint has lost the micro-batch's gradient and does not
-        # resume exactly. The step we resumed from is saved already.
-        for callback in self.trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and self.trainer.global_step > 0:
-                callback._last_global_step_saved = self.trainer.global_step
-        # Lightning 2.6, resuming from a checkpoint written once an epoch's batches were all trained: it starts the
-        # next epoch but keeps the old batch count, runs one batch as that epoch's last and steps the optimizer on
-        # it alone, shifting every gradient accumulation window after it. Start the epoch's count afresh.
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        if (
-            math.isfinite(self.trainer.num_training_batches)
-            and batches.completed >= self.trainer.num_training_batches
-        ):
-            batches.reset()
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Here, not in a callback: export needs the class of any RecipeModule checkpoint, also one written by a
+        # plain Trainer without the CLI's callbacks, or with save_weights_only (which skips callbacks' hooks).
         from lmrecipes.export import record_class
 
-        record_class(self, checkpoint)
-        # Every rank's generators (dropout differs per rank once they diverge), not only rank 0's.
-        checkpoint["lmrecipes"]["rng"] = gather_from_ranks(rng_state())
-        checkpoint["lmrecipes"]["seed"] = os.environ.get("PL_GLOBAL_SEED")
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("lmrecipes", {}).get("rng")
-        if states is None or self._trainer is None:  # no trainer: loaded for export, nothing to resume
-            return
-        world = self.trainer.world_size
-        saved_seed, seed = checkpoint["lmrecipes"].get("seed"), os.environ.get("PL_GLOBAL_SEED")
-        if saved_seed != seed:
-            rank_zero_warn(
-                f"seed_everything changed from {saved_seed} to {seed} since the checkpoint was written; the "
-                "checkpoint's RNG states are restored, so training continues as the original run would have"
-            )
-        if len(states) != world:
-            rank_zero_warn(
-                f"the checkpoint holds RNG states for {len(states)} ranks, this run has {world}: "
-                "dropout draws continue from this run's seed instead"
-            )
-            return
-        self._rng_to_restore = states[self.trainer.global_rank]
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Restored right before the first step after resuming: the uninterrupted run drew nothing from the global
-        # generators between its save and this step (the DataModules give every DataLoader its own generator).
-        if self._rng_to_restore is not None:
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
+        record_class(self, checkpoint, self.trainer)
