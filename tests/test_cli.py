@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
+from lmrecipes.checkpoints import AtomicCheckpointIO
 from lmrecipes.cli import RecipeCLI, expand_configs, main
+from lmrecipes.resume import ExactResume
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = str(REPO / "configs" / "clm" / "offline.yaml")
@@ -223,6 +225,9 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     assert cli.model.hparams.vocab_size == 300
     # a step budget, or epochs counted from pre-tokenized data (EpochsFromData)
     assert cli.trainer.max_steps > 0 or (cli.trainer.max_epochs == 1 and cli.datamodule.hparams.pretokenize)
+    # the code defaults, once each: exact resume and atomic checkpoint writes
+    assert sum(isinstance(c, ExactResume) for c in cli.trainer.callbacks) == 1
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_overfit_one_batch_loss_falls():

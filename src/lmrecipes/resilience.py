@@ -143,10 +143,11 @@ class Preemption(Callback):
         if self.checkpoint:
             return self.checkpoint, None
         found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-        for cb in sorted(found, key=lambda cb: not cb.save_last):  # the one that keeps a last.ckpt first
-            path = str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-            return path, cb if cb.save_last else None
-        return str(Path(trainer.default_root_dir) / "preempted.ckpt"), None
+        if not found:
+            return str(Path(trainer.default_root_dir) / "preempted.ckpt"), None
+        cb = min(found, key=lambda cb: not cb.save_last)  # the first one that keeps a last.ckpt, if any
+        path = str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+        return path, cb if cb.save_last else None
 
     @staticmethod
     def _requeue(trainer: pl.Trainer) -> str:
