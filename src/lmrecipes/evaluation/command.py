@@ -111,7 +111,8 @@ def evaluate_code_command(
     """HumanEval pass@k: generate completions as CodeParrot's evaluation does, then run each in a sandbox.
 
     Args:
-        model: an exported folder, a checkpoint written by ``lmrecipes fit``, or a Hub model id.
+        model: an exported folder, a checkpoint written by ``lmrecipes fit``, or a Hub model id (also taken as
+            the first argument: ``lmrecipes evaluate-code MODEL``).
         samples: with ``execute_only``: a samples file (``task_id`` and ``completion`` per line) to score.
         execute_only: score ``samples`` without a model.
         allow_code_execution: run the generated programs (off by default: they are untrusted code).
