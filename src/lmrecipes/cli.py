@@ -40,6 +40,14 @@ class RecipeCLI(LightningCLI):
         for source, target in DATA_TO_MODEL.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        from lmrecipes.portable import check_ckpt_path
+
+        subcommand = self.config.get("subcommand")
+        # Before LightningCLI reads the hyper-parameters out of --ckpt_path (with torch's help text on failure).
+        check_ckpt_path((self.config[subcommand] if subcommand else self.config).get("ckpt_path"))
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_resume_config(config)
