@@ -16,7 +16,7 @@ from test_cli import fit_args
 from test_mlm import mlm_args
 
 from lmrecipes.cli import main
-from lmrecipes.export import load_pipeline
+from lmrecipes.portable import load_pipeline
 
 pytestmark = pytest.mark.slow
 

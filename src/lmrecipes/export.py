@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 # The book's "first block": stop a completion where the next top-level statement starts.
@@ -129,20 +128,6 @@ def first_block(text: str) -> str:
     return _BLOCK_END.split(text, maxsplit=1)[0].rstrip()
 
 
-def load_pipeline(task: str, model: str, **kwargs):
-    """A ``transformers`` pipeline from an exported folder, a Hub id or a checkpoint written by ``lmrecipes fit``."""
-    from transformers import pipeline
-
-    from lmrecipes.portable import check_model_source, hf_from_checkpoint
-
-    check_model_source(model)
-    device = "cpu" if not torch.cuda.is_available() else 0
-    if Path(model).is_file():
-        lm, tokenizer, _ = hf_from_checkpoint(model)
-        return pipeline(task, model=lm, tokenizer=tokenizer, device=device, **kwargs)
-    return pipeline(task, model=model, device=device, **kwargs)
-
-
 def generate(
     model_dir: str,
     prompts: list[str],
@@ -160,6 +145,8 @@ def generate(
     """Completions (prompt excluded) for each prompt, sampled with a fixed seed; ``max_length`` (the prompt's
     tokens included, as the book's pipeline call) replaces ``max_new_tokens`` when given."""
     from transformers import set_seed
+
+    from lmrecipes.portable import load_pipeline
 
     set_seed(seed)
     generator = load_pipeline("text-generation", model_dir)
@@ -272,6 +259,8 @@ def generate_command(
 
 def fill_mask(model_dir: str, texts: list[str], *, top_k: int = 5) -> list[list[dict]]:
     """Top-k predictions for the mask token in each text (``[MASK]`` is replaced by the model's own mask token)."""
+    from lmrecipes.portable import load_pipeline
+
     filler = load_pipeline("fill-mask", model_dir, top_k=top_k)
     mask = filler.tokenizer.mask_token
     results = []

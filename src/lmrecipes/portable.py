@@ -160,3 +160,15 @@ def check_model_source(model: str, *, key: str = "model") -> None:
         raise ValueError(
             f"{key}={model!r}: {looked}, and as a Hub id it is not cached (HF_HUB_OFFLINE=1 rules out downloading it)"
         )
+
+
+def load_pipeline(task: str, model: str, **kwargs):
+    """A ``transformers`` pipeline from an exported folder, a Hub id or a checkpoint written by ``lmrecipes fit``."""
+    from transformers import pipeline
+
+    check_model_source(model)
+    device = "cpu" if not torch.cuda.is_available() else 0
+    if Path(model).is_file():
+        lm, tokenizer, _ = hf_from_checkpoint(model)
+        return pipeline(task, model=lm, tokenizer=tokenizer, device=device, **kwargs)
+    return pipeline(task, model=model, device=device, **kwargs)
