@@ -145,21 +145,18 @@ def check_model_source(model: str, *, key: str = "model") -> None:
     where it looked (instead of the Hub's "check your internet connection")."""
     if Path(model).exists():
         return
-    from huggingface_hub import constants
+    from lmrecipes.hub import is_hub_id, require_hub
 
-    from lmrecipes.hub import check_hub_id, is_cached, is_hub_id
-
-    looked = f"no such file or folder ({Path(model).resolve()})"
+    looked = f"{key}={model!r}: no such file or folder ({Path(model).resolve()})"
     if not is_hub_id(model):
         raise ValueError(
-            f"{key}={model!r}: {looked}; expected a checkpoint written by lmrecipes fit, a folder written by "
-            "lmrecipes export, or a Hub id 'namespace/name'"
+            f"{looked}; expected a checkpoint written by lmrecipes fit, a folder written by lmrecipes export, "
+            "or a Hub id 'namespace/name'"
         )
-    check_hub_id(model, key=key)
-    if constants.is_offline_mode() and not is_cached(model, "model"):
-        raise ValueError(
-            f"{key}={model!r}: {looked}, and as a Hub id it is not cached (HF_HUB_OFFLINE=1 rules out downloading it)"
-        )
+    try:
+        require_hub({key: model})
+    except ValueError as err:
+        raise ValueError(f"{looked}; as a Hub id: {err}") from None
 
 
 def load_pipeline(task: str, model: str, **kwargs):
