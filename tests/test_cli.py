@@ -182,6 +182,8 @@ def test_ckpt_path_last_without_save_last_is_an_error(code_tree, tmp_path, monke
         (["--data.init_args.seq_len", "128"], "exceeds the model's n_positions=64"),
         (["--data.init_args.keywords", "[no_such_keyword_anywhere]"], "kept no"),
         (["--model.init_args.loss", "keytoken", "--model.init_args.keytokens", "[zzqx]"], "single token"),
+        (["--data.init_args.batch_size", "0"], "--data.init_args.batch_size 0: a batch holds at least 1"),
+        (["--data.init_args.val_batch_size", "-2"], "--data.init_args.val_batch_size -2: a batch holds"),
     ],
 )
 def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, override, message):

@@ -51,6 +51,7 @@ class RecipeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_resume_config(config)
+        check_batch_sizes(config)
         check_hub_values(config)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
@@ -111,6 +112,13 @@ def check_resume_config(config) -> None:
         "--ckpt_path last needs a ModelCheckpoint callback with an explicit dirpath and save_last: true in "
         "trainer.callbacks (otherwise Lightning finds no last.ckpt and silently starts from scratch)"
     )
+
+
+def check_batch_sizes(config) -> None:
+    """Every ``*batch_size`` of the data is at least 1, named before anything is built (0 ended in range()'s error)."""
+    for key, value in config.items():
+        if key.startswith("data.") and key.endswith("batch_size") and type(value) is int and value < 1:
+            raise ValueError(f"--{key} {value}: a batch holds at least 1 example per process; pass 1 or more")
 
 
 def check_hub_values(config) -> None:
