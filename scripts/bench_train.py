@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.callbacks import transformer_flops_per_token
 from lmrecipes.data.packing import concat_windows
 from lmrecipes.models.clm import CausalLM
 from lmrecipes.optim import split_decay_params
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 TINY = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 HPARAMS = {"lr": 5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "lr_schedule": "cosine"}
@@ -325,7 +325,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=5, help="LR warmup (both sides)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
     args = p.parse_args()
+    if args.smoke:
+        args.batch, args.seq_len, args.steps, args.skip, args.repeats = 2, 32, 2, 1, 1
+        args.agree_steps, args.warmup_steps = 2, 1
     args.seq_len = args.seq_len or (1024 if args.gpt2_124m else 128)
     args.vocab = 50257 if args.gpt2_124m else 2048
     return args

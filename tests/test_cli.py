@@ -194,6 +194,18 @@ def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, ove
     assert not (tmp_path / "runs/clm-offline/checkpoints/last.ckpt").exists()
 
 
+def test_a_corpus_too_small_for_a_tokenizer_says_what_to_change(tmp_path, monkeypatch):
+    tree = tmp_path / "tiny"
+    tree.mkdir()
+    for i in range(5):
+        (tree / f"m{i}.py").write_text(f"import pandas as pd\n\nx = {i}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"data.train_source='.*tiny' gave only 5 documents .* add documents, loosen "
+                       "data.keywords, or give a trained tokenizer in data.tokenizer") as err:  # fmt: skip
+        main(fit_args(tree, tmp_path))
+    assert "report_docs" not in str(err.value)  # the tokenizer command's option, which fit does not have
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "clm").glob("*.yaml")))
 def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeypatch):
     """Each shipped YAML builds its Trainer, DataModule and model (Hub ids swapped for local paths)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.packing import (
     Cursor,
     Packer,
@@ -19,7 +20,6 @@ from lmrecipes.data.packing import (
     packed_fraction,
 )
 from lmrecipes.data.pretokenize import encode_batch
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 EOS = 0
 # Four hand-made documents (raw index, ids): one spanning a window edge, one short, one empty, one long.

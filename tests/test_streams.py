@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.filters import FilterPipeline, shard_of
 from lmrecipes.data.packing import concat_windows, overflow_chunks
 from lmrecipes.data.pretokenize import (
@@ -22,7 +23,6 @@ from lmrecipes.data.pretokenize import (
 )
 from lmrecipes.data.sources import open_source
 from lmrecipes.data.stream import PackedStream, StreamSpec, WindowStream, is_heldout, path_is_heldout
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 SEQ_LEN, BATCH = 16, 4
 TOKENS_PER_BATCH = SEQ_LEN * BATCH

@@ -226,10 +226,10 @@ EXTRA_COMMANDS = ("tokenizer", "export", "generate", "fill-mask", "plot", "evalu
 
 
 def extra_commands() -> dict:
+    from lmrecipes.bpe import tokenizer_command
     from lmrecipes.curves import plot_command
     from lmrecipes.evaluation.command import evaluate_code_command
     from lmrecipes.export import export_command, fill_mask_command, generate_command
-    from lmrecipes.tokenizers import tokenizer_command
 
     return {
         "tokenizer": tokenizer_command,
