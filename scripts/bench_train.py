@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -39,7 +40,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.callbacks import transformer_flops_per_token
-from lmrecipes.data.packing import concat_windows
+from lmrecipes.data.packing import iter_windows
 from lmrecipes.models.clm import CausalLM
 from lmrecipes.optim import split_decay_params
 
@@ -75,7 +76,8 @@ def code_windows(n_seqs: int, seq_len: int, tok_vocab: int) -> tuple[torch.Tenso
         chars += len(texts[-1])
     tokenizer = train_bpe_tokenizer(texts, vocab_size=tok_vocab, progress=False)
     docs = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    windows = concat_windows(docs, seq_len, tokenizer.eos_token_id)  # (n, T)
+    packed = iter_windows(enumerate(docs), seq_len=seq_len, eos_id=tokenizer.eos_token_id, mode="concat")
+    windows = np.stack([window for window, _ in packed])  # (n, T)
     if len(windows) < n_seqs:
         raise ValueError(f"only {len(windows)} windows of {seq_len} tokens, need {n_seqs}")
     return torch.from_numpy(windows[:n_seqs]).long(), tokenizer.eos_token_id
