@@ -266,9 +266,8 @@ def quiet(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; returns None so a successful fit exits 0 (returning the CLI object exits 1)."""
     args = quiet(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault(
-        "TOKENIZERS_PARALLELISM", "false"
-    )  # DataLoader workers fork after the tokenizer ran
+    # DataLoader workers fork after the tokenizer ran.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     commands = extra_commands() if args and args[0] in EXTRA_COMMANDS else {}
     if commands:
         run_function(commands[args[0]], optional_model_argument(args))
