@@ -63,6 +63,7 @@ def fitted(code_tree, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_fit_writes_checkpoints_config_logs_and_export(fitted):
     ckpts = fitted / "runs" / "clm-offline" / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
@@ -85,6 +86,7 @@ def test_fit_writes_checkpoints_config_logs_and_export(fitted):
     assert "![training curves](curves.png)" in (export / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_export_command_then_pipeline_generates(fitted, capsys):
     from transformers import pipeline
 
@@ -115,6 +117,7 @@ def test_export_command_then_pipeline_generates(fitted, capsys):
     assert printed[0]["prompt"] == "def f(" and len(printed[0]["completions"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch):
     """Stop after 3 steps, resume with --ckpt_path last: steps 4-6 match an uninterrupted run exactly.
 
@@ -141,6 +144,7 @@ def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok"), "--trainer.limit_val_batches", "0"]
@@ -154,9 +158,7 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
         main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.shuffle_seed", "5"))
     edited = tmp_path / "edited"
     shutil.copytree(code_tree, edited)
-    next(edited.rglob("*.py")).write_text(
-        "x = 1\n"
-    )  # same files, one changed: a different source fingerprint
+    next(edited.rglob("*.py")).write_text("x = 1\n")  # the same files, one changed: a new fingerprint
     with pytest.raises(ValueError, match=r"source: '\w+' -> '\w+'"):
         main(fit_args(edited, tmp_path, *resume))
     # A different world size: the checkpoint holds one rank's position, a 2-process run needs two.
@@ -239,6 +241,7 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     assert cli.trainer.max_steps > 0 or (cli.trainer.max_epochs == 1 and cli.datamodule.hparams.pretokenize)
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_loss_falls():
     import lightning.pytorch as pl
 
@@ -277,6 +280,7 @@ def test_overfit_one_batch_loss_falls():
     assert losses[-1] < 0.25 * losses[0]
 
 
+@pytest.mark.slow
 def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
