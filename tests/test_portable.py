@@ -154,3 +154,24 @@ def test_a_model_folder_that_does_not_exist_is_named(command, model, tmp_path, m
     }
     with pytest.raises(ValueError, match=f"model='{model}': no such file or folder \\({tmp_path / model}\\)"):
         main([command, model, *args[command]])
+
+
+def test_what_a_checkpoint_carries_is_plain_and_a_missing_tokenizer_only_warns(tmp_path):
+    from lmrecipes.models.clm import CausalLM
+    from lmrecipes.portable import hf_from_checkpoint, portable_contents
+
+    module = CausalLM(config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}, vocab_size=32,
+                      bos_token_id=0, eos_token_id=0, seq_len=16, tokenizer_path=str(tmp_path / "gone"))  # fmt: skip
+    with pytest.warns(UserWarning, match="the checkpoint holds no tokenizer"):
+        contents = portable_contents(module)
+    assert contents["model_class"] == "GPT2LMHeadModel" and "tokenizer_files" not in contents
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "lmrecipes": contents}, path)
+    model, tokenizer, _ = hf_from_checkpoint(path)  # loads with weights_only=True: plain types only
+    assert tokenizer is None and model.config.n_embd == 16
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save(
+        {"state_dict": module.state_dict(), "lmrecipes": {"class_path": "x"}}, path
+    )  # an older lmrecipes
+    with pytest.raises(ValueError, match="did not store the model's config"):
+        hf_from_checkpoint(path)

@@ -78,7 +78,12 @@ def portable_contents(module) -> dict:
     }
     tokenizer_path = module.hparams.get("tokenizer_path")
     if tokenizer_path:
-        contents["tokenizer_files"] = tokenizer_files(str(tokenizer_path))
+        try:
+            contents["tokenizer_files"] = tokenizer_files(str(tokenizer_path))
+        except (OSError, ValueError) as err:  # never lose a checkpoint over what only export needs
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"the checkpoint holds no tokenizer: {tokenizer_path} did not load ({err})")
     return contents
 
 
