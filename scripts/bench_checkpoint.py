@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 
-def build_checkpoint(n_layer: int) -> dict:
+def build_checkpoint(n_layer: int, n_embd: int) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model(torch.randint(0, 50257, (1, 16)), labels=torch.randint(0, 50257, (1, 16))).loss.backward()
     optimizer.step()  # real AdamW moments: the checkpoint is ~3x the weights
@@ -40,12 +40,12 @@ def vm_kb(field: str) -> int:
     return int(line.split()[1])
 
 
-def save_once(method: str, n_layer: int, target: str) -> None:
+def save_once(method: str, n_layer: int, n_embd: int, target: str) -> None:
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lmrecipes.checkpoints import AtomicCheckpointIO
 
-    checkpoint = build_checkpoint(n_layer)
+    checkpoint = build_checkpoint(n_layer, n_embd)
     io = {"lightning": TorchCheckpointIO, "lmrecipes": AtomicCheckpointIO}[method]()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
@@ -63,12 +63,20 @@ def save_once(method: str, n_layer: int, target: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", choices=["lightning", "lmrecipes"])
     parser.add_argument("--target")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.n_layer, args.n_embd, args.repeats = 1, 64, 1
     if args.child:
-        return save_once(args.child, args.n_layer, args.target)
+        return save_once(args.child, args.n_layer, args.n_embd, args.target)
     import torch
 
     with tempfile.TemporaryDirectory() as folder:
@@ -77,7 +85,7 @@ def main() -> None:
             for method in ("lightning", "lmrecipes"):
                 paths[method] = f"{folder}/{method}.ckpt"
                 cmd = [sys.executable, __file__, "--child", method, "--n_layer", str(args.n_layer),
-                       "--target", paths[method]]  # fmt: skip
+                       "--n_embd", str(args.n_embd), "--target", paths[method]]  # fmt: skip
                 subprocess.run(cmd, check=True)
         a, b = (torch.load(paths[m], weights_only=True) for m in ("lightning", "lmrecipes"))
         same = all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

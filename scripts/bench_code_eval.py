@@ -66,9 +66,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each configuration's best counts")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds per program (both harnesses)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
     args = parser.parse_args()
 
     problems = list(load_problems().values())
+    if args.smoke:
+        problems, args.repeats = problems[:6], 1
     machine = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": sys.version.split()[0]}
     print(json.dumps({"machine": machine, "isolation": probe_isolation()}))
     configs = [(name, workers) for name in HARNESSES for workers in (1, 2)]

@@ -36,11 +36,11 @@ import tokenizers
 import torch
 import transformers
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.filters import DEFAULT_KEYWORDS, FilterPipeline
 from lmrecipes.data.packing import Packer
 from lmrecipes.data.pretokenize import encode_batch
 from lmrecipes.data.sources import open_source, sanitize_text
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 GROUP = 64  # documents per encode_batch call, as lmrecipes.data.pretokenize.tokenize_groups uses
 
@@ -264,7 +264,15 @@ def parse_args() -> argparse.Namespace:
     add("--tokenizer", default=None, help="tokenizer folder (default: train one on the first 200 docs)")
     add("--vocab-size", type=int, default=8192, help="vocabulary of the tokenizer trained here")
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    return parser.parse_args()
+    add(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.max_docs, args.ctx, args.repeats, args.vocab_size = 40, [128], 1, 500
+    return args
 
 
 def main() -> None:

@@ -188,7 +188,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.batches, args.repeats = 2, 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     docs = stdlib_docstrings()

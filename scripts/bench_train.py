@@ -32,16 +32,17 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.callbacks import transformer_flops_per_token
-from lmrecipes.data.packing import concat_windows
+from lmrecipes.data.packing import iter_windows
 from lmrecipes.models.clm import CausalLM
 from lmrecipes.optim import split_decay_params
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 TINY = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 HPARAMS = {"lr": 5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "lr_schedule": "cosine"}
@@ -75,7 +76,8 @@ def code_windows(n_seqs: int, seq_len: int, tok_vocab: int) -> tuple[torch.Tenso
         chars += len(texts[-1])
     tokenizer = train_bpe_tokenizer(texts, vocab_size=tok_vocab, progress=False)
     docs = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    windows = concat_windows(docs, seq_len, tokenizer.eos_token_id)  # (n, T)
+    packed = iter_windows(enumerate(docs), seq_len=seq_len, eos_id=tokenizer.eos_token_id, mode="concat")
+    windows = np.stack([window for window, _ in packed])  # (n, T)
     if len(windows) < n_seqs:
         raise ValueError(f"only {len(windows)} windows of {seq_len} tokens, need {n_seqs}")
     return torch.from_numpy(windows[:n_seqs]).long(), tokenizer.eos_token_id
@@ -325,7 +327,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=5, help="LR warmup (both sides)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one run: checks that the script works (tests/test_benchmarks.py); measures nothing",
+    )
     args = p.parse_args()
+    if args.smoke:
+        args.batch, args.seq_len, args.steps, args.skip, args.repeats = 2, 32, 2, 1, 1
+        args.agree_steps, args.warmup_steps = 2, 1
     args.seq_len = args.seq_len or (1024 if args.gpt2_124m else 128)
     args.vocab = 50257 if args.gpt2_124m else 2048
     return args

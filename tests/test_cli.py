@@ -65,6 +65,7 @@ def fitted(code_tree, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_fit_writes_checkpoints_config_logs_and_export(fitted):
     ckpts = fitted / "runs" / "clm-offline" / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
@@ -87,6 +88,7 @@ def test_fit_writes_checkpoints_config_logs_and_export(fitted):
     assert "![training curves](curves.png)" in (export / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_export_command_then_pipeline_generates(fitted, capsys):
     from transformers import pipeline
 
@@ -117,6 +119,7 @@ def test_export_command_then_pipeline_generates(fitted, capsys):
     assert printed[0]["prompt"] == "def f(" and len(printed[0]["completions"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch):
     """Stop after 3 steps, resume with --ckpt_path last: steps 4-6 match an uninterrupted run exactly.
 
@@ -143,6 +146,7 @@ def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok"), "--trainer.limit_val_batches", "0"]
@@ -156,9 +160,7 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
         main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.shuffle_seed", "5"))
     edited = tmp_path / "edited"
     shutil.copytree(code_tree, edited)
-    next(edited.rglob("*.py")).write_text(
-        "x = 1\n"
-    )  # same files, one changed: a different source fingerprint
+    next(edited.rglob("*.py")).write_text("x = 1\n")  # the same files, one changed: a new fingerprint
     with pytest.raises(ValueError, match=r"source: '\w+' -> '\w+'"):
         main(fit_args(edited, tmp_path, *resume))
     # A different world size: the checkpoint holds one rank's position, a 2-process run needs two.
@@ -184,6 +186,8 @@ def test_ckpt_path_last_without_save_last_is_an_error(code_tree, tmp_path, monke
         (["--data.init_args.seq_len", "128"], "exceeds the model's n_positions=64"),
         (["--data.init_args.keywords", "[no_such_keyword_anywhere]"], "kept no"),
         (["--model.init_args.loss", "keytoken", "--model.init_args.keytokens", "[zzqx]"], "single token"),
+        (["--data.init_args.batch_size", "0"], "--data.init_args.batch_size 0: a batch holds at least 1"),
+        (["--data.init_args.val_batch_size", "-2"], "--data.init_args.val_batch_size -2: a batch holds"),
     ],
 )
 def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, override, message):
@@ -192,6 +196,18 @@ def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, ove
         main(fit_args(code_tree, tmp_path, "--data.init_args.tokenizer", str(tmp_path / "tok"), *override))
     assert message in str(err.value)
     assert not (tmp_path / "runs/clm-offline/checkpoints/last.ckpt").exists()
+
+
+def test_a_corpus_too_small_for_a_tokenizer_says_what_to_change(tmp_path, monkeypatch):
+    tree = tmp_path / "tiny"
+    tree.mkdir()
+    for i in range(5):
+        (tree / f"m{i}.py").write_text(f"import pandas as pd\n\nx = {i}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"data.train_source='.*tiny' gave only 5 documents .* add documents, loosen "
+                       "data.keywords, or give a trained tokenizer in data.tokenizer") as err:  # fmt: skip
+        main(fit_args(tree, tmp_path))
+    assert "report_docs" not in str(err.value)  # the tokenizer command's option, which fit does not have
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "clm").glob("*.yaml")))
@@ -230,6 +246,7 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_loss_falls():
     import lightning.pytorch as pl
 
@@ -268,6 +285,7 @@ def test_overfit_one_batch_loss_falls():
     assert losses[-1] < 0.25 * losses[0]
 
 
+@pytest.mark.slow
 def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [

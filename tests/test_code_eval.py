@@ -32,7 +32,7 @@ def tiny_lm(tmp_path_factory) -> Path:
     """An exported-style folder: a 2-layer GPT-2 (random weights, fixed seed) and a BPE tokenizer on stdlib code."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmrecipes.tokenizers import train_bpe_tokenizer
+    from lmrecipes.bpe import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_lm")
     texts = [p.read_text(encoding="utf-8") for p in sorted((STDLIB / "json").glob("*.py"))]

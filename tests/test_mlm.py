@@ -214,8 +214,8 @@ def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert
 
 
 def test_tokenizer_without_mask_token_is_refused(tmp_path):
+    from lmrecipes.bpe import train_bpe_tokenizer
     from lmrecipes.data.mlm import MaskedTextDataModule
-    from lmrecipes.tokenizers import train_bpe_tokenizer
 
     texts = [inspect.getdoc(f) or "" for f in (json.dumps, json.loads, os.path.join, re.sub)] * 20
     train_bpe_tokenizer(texts, vocab_size=300, progress=False).save_pretrained(tmp_path / "bpe")

@@ -3,23 +3,21 @@
 import bisect
 import colorsys
 import keyword
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.packing import (
     Cursor,
     Packer,
     check_mode,
-    concat_windows,
     iter_windows,
-    overflow_chunks,
-    packed_fraction,
 )
 from lmrecipes.data.pretokenize import encode_batch
-from lmrecipes.tokenizers import train_bpe_tokenizer
 
 EOS = 0
 # Four hand-made documents (raw index, ids): one spanning a window edge, one short, one empty, one long.
@@ -55,7 +53,25 @@ def _expected_stream(docs, mode: str, seq_len: int) -> np.ndarray:
     return np.asarray([t for ids in kept for t in ids], dtype=np.int64)
 
 
-# ---------------------------------------------------------------- one-shot forms
+# ---------------------------------------------------------------- one-shot forms (references for the Packer)
+
+
+def overflow_chunks(ids: np.ndarray, seq_len: int) -> np.ndarray:
+    """Full ``seq_len`` chunks of one document, shape (n_chunks, seq_len); the short tail is dropped."""
+    n = len(ids) // seq_len
+    return np.asarray(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+def concat_windows(docs: Iterable[np.ndarray], seq_len: int, eos_id: int) -> np.ndarray:
+    """All full windows of the EOS-joined stream of ``docs``, shape (n, seq_len) (the one-shot form of ``Packer``)."""
+    parts = []
+    eos = np.array([eos_id], dtype=np.int64)
+    for ids in docs:
+        parts.append(np.asarray(ids, dtype=np.int64))
+        parts.append(eos)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len)
 
 
 def test_overflow_chunks_exact():
@@ -99,7 +115,6 @@ def test_packer_concat_exact_values_and_counts():
     assert packer.buffered == 3
     # 15 document tokens in, 13 of them inside windows (4 + 3 + 2 + 4; EOS not counted), 14 15 lost in the tail.
     assert (packer.tokens_in, packer.tokens_out) == (15, 13)
-    assert packed_fraction(packer.tokens_in, packer.tokens_out) == 13 / 15
 
 
 def test_packer_overflow_exact_values_and_counts():
@@ -112,8 +127,6 @@ def test_packer_overflow_exact_values_and_counts():
     assert packer.windows(limit=5).tolist() == OVERFLOW_WINDOWS[1:]
     assert packer.cursor() == Cursor(0, 4, 0)  # empty buffer: the raw index after the last document added
     assert (packer.tokens_in, packer.tokens_out) == (15, 8)
-    assert packed_fraction(15, 8) == 8 / 15
-    assert packed_fraction(0, 0) == 0.0
 
 
 def test_packer_empty_buffer_cursor_points_past_last_document():

@@ -103,7 +103,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     """An exported causal-LM folder: a real byte-level BPE tokenizer and a 2-layer GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmrecipes.tokenizers import train_bpe_tokenizer
+    from lmrecipes.bpe import train_bpe_tokenizer
 
     out = tmp_path_factory.mktemp("gpt2")
     texts = [Path(json.__file__).read_text(), Path(inspect.__file__).read_text()]
@@ -140,7 +140,7 @@ def test_book_generation_preset(tiny_gpt2, capsys):
 
 
 def test_tokenizer_defaults_are_the_books():
-    from lmrecipes.tokenizers import tokenizer_command
+    from lmrecipes.bpe import tokenizer_command
 
     defaults = inspect_defaults(tokenizer_command)
     # book ch.10: length = 200000 documents, vocab_size=32768 (retraining GPT-2's byte-level BPE)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lmrecipes.portable import hf_model
 from lmrecipes.ranks import gather_from_ranks
 
 
@@ -34,12 +35,12 @@ class TokenThroughput(ThroughputMonitor):
             window_size=window_size,
         )
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        seq_len = pl_module.hparams.get("seq_len", 1024)
-        batch = trainer.datamodule.hparams.get("batch_size", 1) if trainer.datamodule is not None else 1
-        model = getattr(pl_module.model, "_orig_mod", pl_module.model)
-        pl_module.flops_per_batch = int(transformer_flops_per_token(model, seq_len) * seq_len * batch)
-        super().setup(trainer, pl_module, stage)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # From the batch itself, read by ThroughputMonitor at the batch's end: the data's seq_len for packed windows,
+        # the padded length for dynamic padding; no guess of the sequence length.
+        batch_size, seq_len = batch["input_ids"].shape  # (B, T)
+        per_token = transformer_flops_per_token(hf_model(pl_module), seq_len)
+        pl_module.flops_per_batch = int(per_token * batch_size * seq_len)
 
 
 class DataStats(pl.Callback):

@@ -40,9 +40,18 @@ class RecipeCLI(LightningCLI):
         for source, target in DATA_TO_MODEL.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        from lmrecipes.portable import check_ckpt_path
+
+        subcommand = self.config.get("subcommand")
+        # Before LightningCLI reads the hyper-parameters out of --ckpt_path (with torch's help text on failure).
+        check_ckpt_path((self.config[subcommand] if subcommand else self.config).get("ckpt_path"))
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_resume_config(config)
+        check_batch_sizes(config)
         check_hub_values(config)
 
     def instantiate_trainer(self, **kwargs):
@@ -116,6 +125,13 @@ def check_resume_config(config) -> None:
         "--ckpt_path last needs a ModelCheckpoint callback with an explicit dirpath and save_last: true in "
         "trainer.callbacks (otherwise Lightning finds no last.ckpt and silently starts from scratch)"
     )
+
+
+def check_batch_sizes(config) -> None:
+    """Every ``*batch_size`` of the data is at least 1, named before anything is built (0 ended in range()'s error)."""
+    for key, value in config.items():
+        if key.startswith("data.") and key.endswith("batch_size") and type(value) is int and value < 1:
+            raise ValueError(f"--{key} {value}: a batch holds at least 1 example per process; pass 1 or more")
 
 
 def check_hub_values(config) -> None:
@@ -223,10 +239,10 @@ EXTRA_COMMANDS = ("tokenizer", "export", "generate", "fill-mask", "plot", "evalu
 
 
 def extra_commands() -> dict:
+    from lmrecipes.bpe import tokenizer_command
     from lmrecipes.curves import plot_command
     from lmrecipes.evaluation.command import evaluate_code_command
     from lmrecipes.export import export_command, fill_mask_command, generate_command
-    from lmrecipes.tokenizers import tokenizer_command
 
     return {
         "tokenizer": tokenizer_command,
@@ -263,9 +279,8 @@ def quiet(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; returns None so a successful fit exits 0 (returning the CLI object exits 1)."""
     args = quiet(list(sys.argv[1:] if argv is None else argv))
-    os.environ.setdefault(
-        "TOKENIZERS_PARALLELISM", "false"
-    )  # DataLoader workers fork after the tokenizer ran
+    # DataLoader workers fork after the tokenizer ran.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     commands = extra_commands() if args and args[0] in EXTRA_COMMANDS else {}
     if commands:
         run_function(commands[args[0]], optional_model_argument(args))

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 # The book's "first block": stop a completion where the next top-level statement starts.
 _BLOCK_END = re.compile(r"\n(?:class |def |#|@|print|if |async def )")
 
 
-def module_from_checkpoint(ckpt: str):
-    """The LightningModule stored in ``ckpt`` (its class recorded by :func:`record_class`), on CPU, in eval mode."""
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    class_path = checkpoint.get("lmrecipes", {}).get("class_path")
-    if class_path is None:
-        raise ValueError(f"{ckpt} was not written by an lmrecipes module (no 'lmrecipes' entry)")
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return module.eval(), checkpoint
-
-
 def record_class(module, checkpoint: dict, trainer=None) -> None:
-    """Store what export needs in ``checkpoint["lmrecipes"]``: the module's class path and, given the ``trainer``,
-    the metrics logged so far (plain floats) and the run folder (its curves.png goes into the model card)."""
+    """Store what export needs in ``checkpoint["lmrecipes"]``: the module's class path, the model's class and
+    config and the tokenizer's files (so the checkpoint travels) and, given the ``trainer``, the metrics logged so
+    far (plain floats) and the run folder (its curves.png goes into the model card)."""
     from lightning.pytorch.loggers import CSVLogger
+
+    from lmrecipes.portable import portable_contents
 
     metrics, run_dir = {}, None
     if trainer is not None:
@@ -39,8 +28,9 @@ def record_class(module, checkpoint: dict, trainer=None) -> None:
         run_dir = str(Path(csv_logger.save_dir).resolve()) if csv_logger else None  # where curves.png goes
     cls = type(module)
     checkpoint.setdefault("lmrecipes", {}).update(  # beside ExactResume's RNG states
-        class_path=f"{cls.__module__}.{cls.__qualname__}", metrics=metrics, run_dir=run_dir
-    )
+        class_path=f"{cls.__module__}.{cls.__qualname__}", metrics=metrics, run_dir=run_dir,
+        **portable_contents(module),
+    )  # fmt: skip
 
 
 def model_card(checkpoint: dict) -> str:
@@ -67,14 +57,21 @@ def model_card(checkpoint: dict) -> str:
 
 
 def save_hf_folder(module, out: Path, *, card: str, curves: Path | None = None) -> None:
-    """Write model, tokenizer, card (and the run's curves.png, which the card shows) to ``out``."""
+    """Write a live module's model, tokenizer, card (and curves.png) to ``out``."""
     from transformers import AutoTokenizer
 
-    model = getattr(module.model, "_orig_mod", module.model)  # unwrap torch.compile
-    model.save_pretrained(out)
+    from lmrecipes.portable import hf_model
+
     tokenizer_path = module.hparams.get("tokenizer_path")
-    if tokenizer_path:
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else None
+    write_hf_folder(hf_model(module), tokenizer, out, card=card, curves=curves)
+
+
+def write_hf_folder(model, tokenizer, out: Path, *, card: str, curves: Path | None = None) -> None:
+    """Write model, tokenizer (if any), card (and the run's curves.png, which the card shows) to ``out``."""
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     (out / "README.md").write_text(card)
     if curves is not None:
         shutil.copyfile(curves, out / "curves.png")
@@ -95,14 +92,16 @@ def export_command(
     out_path = Path(out)
     if out_path.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass --overwrite true to replace it")
-    module, checkpoint = module_from_checkpoint(ckpt)
+    from lmrecipes.portable import hf_from_checkpoint
+
+    model, tokenizer, checkpoint = hf_from_checkpoint(ckpt)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = out_path.with_name(out_path.name + ".tmp-export")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     from lmrecipes.curves import run_curves
 
-    save_hf_folder(module, staging, card=model_card(checkpoint), curves=run_curves(checkpoint))
+    write_hf_folder(model, tokenizer, staging, card=model_card(checkpoint), curves=run_curves(checkpoint))
     if out_path.exists():
         shutil.rmtree(out_path)
     staging.rename(out_path)  # a failed export never leaves a half-written `out`
@@ -143,12 +142,12 @@ def generate(
 ) -> list[list[str]]:
     """Completions (prompt excluded) for each prompt, sampled with a fixed seed; ``max_length`` (the prompt's
     tokens included, as the book's pipeline call) replaces ``max_new_tokens`` when given."""
-    from transformers import pipeline, set_seed
+    from transformers import set_seed
+
+    from lmrecipes.portable import load_pipeline
 
     set_seed(seed)
-    generator = pipeline(
-        "text-generation", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0
-    )
+    generator = load_pipeline("text-generation", model_dir)
     eos = generator.tokenizer.eos_token_id
     context = (
         getattr(generator.model.config, "n_positions", None) or generator.model.config.max_position_embeddings
@@ -207,7 +206,7 @@ def generate_command(
     """Sample code completions from an exported model folder.
 
     Args:
-        model: exported folder (or any causal-LM folder with a tokenizer).
+        model: exported folder, checkpoint written by ``lmrecipes fit``, or any causal-LM folder with a tokenizer.
         prompt: a prompt, or several as a list (``--prompt '["a", "b"]'``).
         preset: sampling settings by name: ``default`` or ``book`` (the book's complete_code: temperature 0.4,
             top-p 0.95, top-k 0, 4 completions, seed 1, first_block, 64 tokens with the prompt).
@@ -258,11 +257,9 @@ def generate_command(
 
 def fill_mask(model_dir: str, texts: list[str], *, top_k: int = 5) -> list[list[dict]]:
     """Top-k predictions for the mask token in each text (``[MASK]`` is replaced by the model's own mask token)."""
-    from transformers import pipeline
+    from lmrecipes.portable import load_pipeline
 
-    filler = pipeline(
-        "fill-mask", model=model_dir, device="cpu" if not torch.cuda.is_available() else 0, top_k=top_k
-    )
+    filler = load_pipeline("fill-mask", model_dir, top_k=top_k)
     mask = filler.tokenizer.mask_token
     results = []
     for text in texts:
@@ -280,7 +277,7 @@ def fill_mask_command(
     """Print the top-k completions of ``[MASK]`` in a text with an exported masked-LM folder.
 
     Args:
-        model: exported folder (or any masked-LM folder with a tokenizer).
+        model: exported folder, checkpoint written by ``lmrecipes fit``, or any masked-LM folder with a tokenizer.
         text: a text containing ``[MASK]``, e.g. "This is a great [MASK]."
         more: further texts.
         top_k: predictions per text.

@@ -99,9 +99,8 @@ class Preemption(Callback):
         connector.register_signal_handlers = register_then_install
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            not self._previous
-        ):  # a Lightning without the hook above: install at the latest moment that still works
+        # A Lightning without the hook above: install at the latest moment that still works.
+        if not self._previous:
             self._install()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,9 +157,7 @@ class Preemption(Callback):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         try:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        except (
-            OSError
-        ) as err:  # no scontrol on PATH (e.g. inside a container): still exit with the signal's code
+        except OSError as err:  # no scontrol on PATH (in a container): exit with the signal's code
             rank_zero_warn(f"scontrol requeue {job} failed: {err}")
             return f"; requeueing job {job} FAILED (no scontrol)"
         if result.returncode != 0:

@@ -34,6 +34,8 @@ from lmrecipes.data.stream import (
 )
 from lmrecipes.ranks import gather_from_ranks
 
+REPORT_DOCS = 20  # documents held out to measure the tokenizer trained at first use (tokenizer_report.json)
+
 
 class BatchList(IterableDataset):
     """A fixed list of batches (validation); an IterableDataset so Lightning adds no padding sampler."""
@@ -154,23 +156,32 @@ class CodeDataModule(pl.LightningDataModule):
         path, vocab = self.hparams.tokenizer, self.hparams.train_tokenizer_vocab
         if vocab is None or Path(path, "tokenizer.json").exists():
             return path
-        from lmrecipes.tokenizers import tokenizer_command
+        from lmrecipes.bpe import TooFewDocuments, tokenizer_command
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{Path(path)}.lock"):
             if not Path(path, "tokenizer.json").exists():
-                tokenizer_command(
-                    source=self.hparams.train_source,
-                    out=path,
-                    vocab_size=vocab,
-                    keywords=self.hparams.keywords,
-                    max_chars=self.hparams.train_tokenizer_max_chars,
-                    report_docs=20,
-                    text_column=self.hparams.text_column,
-                    pattern=self.hparams.pattern,
-                    on_error=self.hparams.on_error,
-                    progress=self.hparams.progress,
-                )
+                try:
+                    tokenizer_command(
+                        source=self.hparams.train_source,
+                        out=path,
+                        vocab_size=vocab,
+                        keywords=self.hparams.keywords,
+                        max_chars=self.hparams.train_tokenizer_max_chars,
+                        report_docs=REPORT_DOCS,
+                        text_column=self.hparams.text_column,
+                        pattern=self.hparams.pattern,
+                        on_error=self.hparams.on_error,
+                        progress=self.hparams.progress,
+                    )
+                except TooFewDocuments as err:  # names the data keys, not the tokenizer command's options
+                    raise ValueError(
+                        f"data.train_source={self.hparams.train_source!r} gave only {err.kept} documents (after "
+                        "data.keywords and data.train_tokenizer_max_chars), too few to train a tokenizer on (it "
+                        f"needs more than {REPORT_DOCS}; that many are held out to report on): add "
+                        "documents, loosen data.keywords, or give a trained tokenizer in data.tokenizer and leave "
+                        "data.train_tokenizer_vocab unset"
+                    ) from None
         return path
 
     def _source_factory(self, split: str) -> functools.partial:

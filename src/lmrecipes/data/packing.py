@@ -41,24 +41,6 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def overflow_chunks(ids: np.ndarray, seq_len: int) -> np.ndarray:
-    """Full ``seq_len`` chunks of one document, shape (n_chunks, seq_len); the short tail is dropped."""
-    n = len(ids) // seq_len
-    return np.asarray(ids[: n * seq_len]).reshape(n, seq_len)
-
-
-def concat_windows(docs: Iterable[np.ndarray], seq_len: int, eos_id: int) -> np.ndarray:
-    """All full windows of the EOS-joined stream of ``docs``, shape (n, seq_len) (the one-shot form of ``Packer``)."""
-    parts = []
-    eos = np.array([eos_id], dtype=np.int64)
-    for ids in docs:
-        parts.append(np.asarray(ids, dtype=np.int64))
-        parts.append(eos)
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
-
-
 class Packer:
     """Streaming packer: feed tokenized documents, take full windows, ask where the next window starts.
 
@@ -144,11 +126,6 @@ class Packer:
             self._parts.pop(0)
             self._raw.pop(0)
         self._first_offset = count if self._parts else 0
-
-
-def packed_fraction(tokens_in: int, tokens_out: int) -> float:
-    """Share of document tokens that ended up inside a training window."""
-    return tokens_out / tokens_in if tokens_in else 0.0
 
 
 def iter_windows(

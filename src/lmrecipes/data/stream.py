@@ -4,7 +4,7 @@ Each (rank, DataLoader worker) pair reads one *shard* of the documents. Document
 content, so identical documents always meet in the same shard and per-shard de-duplication is global. A stream
 yields whole batches, each tagged with ``position``: the cursor after that batch for the *logical* stream that
 produced it. The DataModule keeps the position of the last batch actually trained on, which is exact even though
-Lightning prefetches batches (DESIGN.md: a loader's own state would count the prefetched one).
+Lightning prefetches batches (a loader's own state would count the prefetched one, which was never trained on).
 
 DataLoader workers hand out batches round-robin, worker 0 first. On resume, after ``consumed`` batches, physical
 worker ``w`` plays logical stream ``(w + consumed) % W``, so batches keep their uninterrupted order.

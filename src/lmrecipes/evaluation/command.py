@@ -18,19 +18,9 @@ import torch
 
 from lmrecipes.evaluation import samples as store
 from lmrecipes.evaluation.generation import Sampling, complete, sample_seed, sampling_from_preset
+from lmrecipes.portable import check_model_source, hf_from_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_model(model: str) -> None:
-    """A local checkpoint or folder, or a namespaced Hub id that this run can reach (named when it cannot)."""
-    if Path(model).exists():
-        return
-    from lmrecipes.hub import is_hub_id, require_hub
-
-    if not is_hub_id(model):
-        raise ValueError(f"model={model!r} is not a checkpoint file, an exported folder or a Hub id")
-    require_hub({"model": model})
 
 
 def load_causal_lm(model: str, *, dtype: str = "float32"):
@@ -39,15 +29,11 @@ def load_causal_lm(model: str, *, dtype: str = "float32"):
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
-    check_model(model)
-    if Path(model).is_file():
-        from lmrecipes.export import module_from_checkpoint
-
-        module, _ = module_from_checkpoint(model)
-        tokenizer_path = module.hparams.get("tokenizer_path")
-        if not tokenizer_path:
-            raise ValueError(f"{model} records no tokenizer_path; export it and evaluate the exported folder")
-        lm, tokenizer = module.model, AutoTokenizer.from_pretrained(tokenizer_path)
+    check_model_source(model)
+    if Path(model).is_file():  # the same loading as export: only what the checkpoint holds, no recorded paths
+        lm, tokenizer, _ = hf_from_checkpoint(model)
+        if tokenizer is None:
+            raise ValueError(f"{model} holds no tokenizer (it was trained without model.tokenizer_path)")
     else:
         try:
             lm = AutoModelForCausalLM.from_pretrained(model)
@@ -177,7 +163,7 @@ def evaluate_code_command(
         raise ValueError(f"--batch_size {batch_size} must be at least 1")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
-    check_model(model)  # before any process starts
+    check_model_source(model)  # before any process starts
     folder = Path(output_dir)
     records, truncated = _generate(
         model, task_problems, sampling, folder, problems_file=problems, overwrite=overwrite, dtype=dtype,

@@ -126,7 +126,7 @@ class CausalLM(RecipeModule):
             return torch.zeros(0, dtype=torch.long)
         from transformers import AutoTokenizer
 
-        from lmrecipes.tokenizers import DEFAULT_KEYTOKENS, resolve_keytoken_ids
+        from lmrecipes.bpe import DEFAULT_KEYTOKENS, resolve_keytoken_ids
 
         if not self.hparams.tokenizer_path:
             raise ValueError(

@@ -190,6 +190,14 @@ def _delayed(
         held.append(doc)
 
 
+class TooFewDocuments(ValueError):
+    """Every document the filters kept went to the held-out report set; ``kept`` says how many there were."""
+
+    def __init__(self, message: str, *, kept: int):
+        super().__init__(message)
+        self.kept = kept
+
+
 def tokenizer_command(
     *,
     source: str,
@@ -264,8 +272,11 @@ def tokenizer_command(
             f"the filters kept no documents of {source!r} to train a tokenizer on: {keep.summary()}"
         )
     if counts["train_docs"] == 0:
-        raise ValueError(
-            f"only {len(held)} documents kept, all held out by report_docs={report_docs}; lower it"
+        raise TooFewDocuments(
+            f"only {len(held)} documents of {source!r} passed the filters and --report_docs {report_docs} holds "
+            "them all out to report on, leaving none to train the tokenizer on: add documents, loosen --keywords, "
+            "or lower --report_docs",
+            kept=len(held),
         )
     print(keep.summary())
     tokenizer.save_pretrained(out)
