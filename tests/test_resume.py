@@ -60,8 +60,12 @@ def test_exact_resume_keeps_the_metadata_export_reads(tmp_path):
     checkpoint: dict = {}
     trainer = SimpleNamespace(callback_metrics={}, loggers=[])
     ExactResume().on_save_checkpoint(trainer, None, checkpoint)
-    record_class(pl.LightningModule(), checkpoint, trainer)
-    assert {"rng", "seed", "class_path", "metrics", "run_dir"} <= set(checkpoint["lmrecipes"])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    module = pl.LightningModule()
+    module.model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    record_class(module, checkpoint, trainer)
+    assert {"rng", "seed", "class_path", "metrics", "run_dir", "model_config"} <= set(checkpoint["lmrecipes"])
     connector = pl.Trainer(logger=False, enable_checkpointing=False)._checkpoint_connector
     dump = inspect.getsource(type(connector).dump_checkpoint)
     assert dump.index("_call_callbacks_on_save_checkpoint") < dump.index('"on_save_checkpoint"')
