@@ -105,9 +105,8 @@ class SequenceClassifier(RecipeModule):
     def _evaluate(self, batch: dict, stage: str) -> None:
         logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
         keep = labels != IGNORE_INDEX
-        loss, weight = self._loss(
-            logits, labels
-        )  # a mean over the rows' (class) weights: weigh it by their sum
+        # a mean over the rows' (class) weights: weigh it by their sum
+        loss, weight = self._loss(logits, labels)
         self.metrics[f"{stage}_loss"].update(loss, weight)
         self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
         preds = logits.argmax(-1)[keep]

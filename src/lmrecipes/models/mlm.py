@@ -95,9 +95,6 @@ class MaskedLM(RecipeModule):
                 f"data.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
             )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits  # (B, T, V)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         total, count = self.eval_loss_sum(batch)
         loss = total / count.clamp(min=1)
