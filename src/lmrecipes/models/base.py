@@ -26,6 +26,45 @@ class RecipeModule(pl.LightningModule):
         super().__init__()
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._rng_to_restore: dict | None = None
+        self._step_norm: torch.Tensor | None = None  # this rank's loss normaliser so far in the optimizer step
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the training loss summed over the batch's tokens or rows, its normaliser: their number or weight)."""
+        raise NotImplementedError
+
+    def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, token count) behind ``val/loss`` and ``val/ppl``: the training loss unless overridden."""
+        return self.loss_sum(batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, norm = self.loss_sum(batch)
+        norm = norm.detach().to(total.dtype)
+        self._step_norm = norm if self._step_norm is None else self._step_norm + norm
+        mean = total.detach() / norm.clamp(min=torch.finfo(total.dtype).tiny)  # 0 for a batch of padding only
+        self.log("train/loss", mean, prog_bar=True)
+        # Worth the micro-batch's mean (logged, seen by callbacks) but carries the gradient of the sum, which
+        # on_before_optimizer_step divides by the normaliser of the whole step: a per-micro-batch mean would weigh
+        # a micro-batch with few valid tokens like one with many.
+        return mean + (total - total.detach())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The gradients hold sum / (accumulate_grad_batches * world_size): Lightning divides each micro-batch's loss
+        # by the first, DDP and FSDP average over ranks. Make them sum / (valid tokens or rows of the whole step on
+        # every rank): the gradient of one big batch, as torchtitan normalises. Runs before gradient clipping.
+        if self._step_norm is None:
+            return
+        norm = float(self.trainer.strategy.reduce(self._step_norm, reduce_op="sum"))
+        self._step_norm = None
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / norm if norm > 0 else 0.0
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_eval_loss(*self.eval_loss_sum(batch))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.update_eval_loss(*self.eval_loss_sum(batch))
 
     def update_eval_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         """Accumulate a batch's summed token loss and token count (synced over ranks at epoch end)."""

@@ -90,17 +90,16 @@ class SequenceClassifier(RecipeModule):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model(**inputs).logits  # (B, C)
 
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return classification_loss_sum(self(batch), batch["labels"], class_weights=self.class_weights,
+                                       label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's valid rows, their weight); padding rows (label -100) count for nothing, and
         a batch of nothing but padding (the epoch's last, so every DDP rank steps) gives a zero loss."""
         total, norm = classification_loss_sum(logits, labels, class_weights=self.class_weights,
                                                label_smoothing=self.hparams.label_smoothing)  # fmt: skip
         return total / norm.clamp(min=torch.finfo(total.dtype).tiny), norm
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(self(batch), batch["labels"])  # (B, C), (B,) in
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         logits, labels = self(batch), batch["labels"]  # (B, C), (B,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmrecipes.losses import causal_lm_loss, causal_lm_loss_sum, keytoken_weighted_loss
+from lmrecipes.losses import causal_lm_loss_sum, keytoken_weighted_loss_sum
 from lmrecipes.models.base import RecipeModule
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
@@ -138,26 +138,16 @@ class CausalLM(RecipeModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
 
-    def _loss(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch["input_ids"]  # (B, T)
+        logits = self(input_ids)  # (B, T, V)
         if self.hparams.loss == "ce":
-            return causal_lm_loss(logits, input_ids)
+            return causal_lm_loss_sum(logits, input_ids)
         normalize = self.hparams.loss == "keytoken"
-        return keytoken_weighted_loss(
+        return keytoken_weighted_loss_sum(
             input_ids, logits, self.keytoken_ids, alpha=self.hparams.keytoken_alpha, normalize=normalize
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        input_ids = batch["input_ids"]  # (B, T)
-        logits = self(input_ids)  # (B, T, V)
-        loss = self._loss(input_ids, logits)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
-        return causal_lm_loss_sum(self(input_ids), input_ids)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.update_eval_loss(*self.eval_loss_sum(batch))
-
-    test_step = validation_step
+        return causal_lm_loss_sum(self(input_ids), input_ids)  # plain cross-entropy whatever the training loss

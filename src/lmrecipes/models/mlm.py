@@ -95,16 +95,5 @@ class MaskedLM(RecipeModule):
                 f"data.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
             )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self.eval_loss_sum(batch)
-        loss = total / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return masked_lm_loss_sum(*masked_logits(self.model, batch["input_ids"], batch["labels"]))
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.update_eval_loss(*self.eval_loss_sum(batch))
-
-    test_step = validation_step
