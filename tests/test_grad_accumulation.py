@@ -49,7 +49,8 @@ def test_causal_lm_accumulation_is_the_big_batch(tiny_bert, loss):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     keys = tokenizer.convert_tokens_to_ids(["the", "of"])
     input_ids = ids(torch.Generator().manual_seed(0))  # (16, T)
-    input_ids[:8, ::2] = keys[0]  # key tokens crowd the first micro-batch: its weights differ from the second's
+    # key tokens crowd the first micro-batch: its weights differ from the second's
+    input_ids[:8, ::2] = keys[0]
     input_ids[8:12, 1] = keys[1]
 
     def make():
@@ -103,7 +104,10 @@ def test_classification_accumulation_is_the_big_batch(encoder_without_dropout, l
     input_ids = ids(generator)  # (16, T)
     labels = torch.randint(0, 2, (ROWS,), generator=generator)
     labels[13:] = IGNORE_INDEX  # the epoch's last batch, padded: 5 real rows in the second micro-batch
-    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": lab} for i, lab in zip(input_ids, labels)]
+    rows = [
+        {"input_ids": i, "attention_mask": torch.ones_like(i), "labels": lab}
+        for i, lab in zip(input_ids, labels)
+    ]
     weights = [1.0, 3.0] if loss == "weighted_ce" else None
 
     def make():

@@ -78,7 +78,9 @@ def keytoken_weighted_loss(
     normalize: bool = True,
 ) -> torch.Tensor:
     """The course's key-token weighted loss over one batch: :func:`keytoken_weighted_loss_sum`'s ratio."""
-    total, norm = keytoken_weighted_loss_sum(input_ids, logits, keytoken_ids, alpha=alpha, normalize=normalize)
+    total, norm = keytoken_weighted_loss_sum(
+        input_ids, logits, keytoken_ids, alpha=alpha, normalize=normalize
+    )
     return total / norm
 
 

@@ -26,7 +26,8 @@ class RecipeModule(pl.LightningModule):
         super().__init__()
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._rng_to_restore: dict | None = None
-        self._step_norm: torch.Tensor | None = None  # this rank's loss normaliser so far in the optimizer step
+        # this rank's loss normaliser so far in the optimizer step
+        self._step_norm: torch.Tensor | None = None
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(the training loss summed over the batch's tokens or rows, its normaliser: their number or weight)."""

@@ -150,4 +150,5 @@ class CausalLM(RecipeModule):
 
     def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
-        return causal_lm_loss_sum(self(input_ids), input_ids)  # plain cross-entropy whatever the training loss
+        # plain cross-entropy whatever the training loss: val/ppl compares with the course's
+        return causal_lm_loss_sum(self(input_ids), input_ids)
