@@ -40,7 +40,7 @@ from transformers.trainer_callback import PrinterCallback
 from lmrecipes.callbacks import transformer_flops_per_token
 from lmrecipes.data.packing import concat_windows
 from lmrecipes.models.clm import CausalLM
-from lmrecipes.optim import split_decay_params
+from lmrecipes.optim import OptimizerConfig, split_decay_params
 from lmrecipes.tokenizers import train_bpe_tokenizer
 
 TINY = {"n_layer": 2, "n_embd": 128, "n_head": 4}
@@ -213,7 +213,7 @@ def make_template(args, eos_id: int, hp: dict, dropout: float | None) -> CausalL
         config |= {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     torch.manual_seed(args.seed)
     ids = {"vocab_size": args.vocab, "bos_token_id": eos_id, "eos_token_id": eos_id, "seq_len": args.seq_len}
-    return CausalLM(config=config, loss="ce", **ids, **hp)
+    return CausalLM(config=config, loss="ce", **ids, optimizer=OptimizerConfig(**hp))
 
 
 def setup_check(template: CausalLM, args, hp: dict) -> dict:

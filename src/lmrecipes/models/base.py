@@ -14,16 +14,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import SumMetric
 
 from lmrecipes.checkpoints import check_same_resume, rng_state, set_rng_state
-from lmrecipes.optim import build_optimizer, sync_scheduler_lr
+from lmrecipes.optim import OptimizerConfig, build_optimizer, sync_scheduler_lr
 from lmrecipes.ranks import gather_from_ranks
 
 
 class RecipeModule(pl.LightningModule):
-    """Base for the recipes' modules; expects ``self.model`` and the optimisation keys in ``self.hparams``
-    (``lr``, ``weight_decay``, ``betas``, ``eps``, ``lr_schedule``, ``warmup_steps``, ``min_lr_ratio``)."""
+    """Base for the recipes' modules; subclasses set ``self.model`` and define :meth:`loss_sum`."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: OptimizerConfig | dict) -> None:
         super().__init__()
+        self.optimizer_config = OptimizerConfig.of(optimizer)
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self._rng_to_restore: dict | None = None
         # this rank's loss normaliser so far in the optimizer step
@@ -82,7 +82,6 @@ class RecipeModule(pl.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def configure_optimizers(self):
-        h = self.hparams
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError(
@@ -90,10 +89,7 @@ class RecipeModule(pl.LightningModule):
                 "data.pretokenize: true with trainer.max_epochs so the epochs are counted from the data "
                 f"(streamed data has no length; Lightning estimated {total})"
             )
-        optimizer, scheduler = build_optimizer(
-            self.model, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas), eps=h.eps,
-            schedule=h.lr_schedule, warmup_steps=h.warmup_steps, total_steps=int(total), min_lr_ratio=h.min_lr_ratio,
-        )  # fmt: skip
+        optimizer, scheduler = build_optimizer(self.model, self.optimizer_config, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score
 
 from lmrecipes.losses import IGNORE_INDEX, classification_loss_sum
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.optim import OptimizerConfig
 from lmrecipes.paths import resolve_pretrained
 
 LOSSES = ("ce", "weighted_ce")
+# course ch.3 §3: the Trainer's defaults (learning_rate=5e-5, weight_decay=0, linear schedule, no warmup)
+DEFAULT_OPTIMIZER = OptimizerConfig()
 
 
 class SequenceClassifier(RecipeModule):
@@ -28,13 +33,7 @@ class SequenceClassifier(RecipeModule):
         loss: str = "ce",
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
-        lr: float = 5e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_schedule: str = "linear",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
     ):
         """
         Args:
@@ -45,15 +44,11 @@ class SequenceClassifier(RecipeModule):
             loss: ``ce`` or ``weighted_ce`` (``class_weights`` per class).
             class_weights: one weight per class for ``weighted_ce``.
             label_smoothing: cross-entropy label smoothing.
-            lr: peak learning rate (the course: 5e-5).
-            weight_decay: AdamW decay (the course's Trainer default: 0).
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            lr_schedule: ``linear`` (the course), ``cosine`` or ``constant``.
-            warmup_steps: warmup in optimizer steps.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            optimizer: AdamW and its schedule (default: the course's, ch.3 §3).
         """
-        super().__init__()
+        super().__init__(optimizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
+        optimizer = asdict(self.optimizer_config)
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")

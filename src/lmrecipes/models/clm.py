@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
 from lmrecipes.losses import causal_lm_loss_sum, keytoken_weighted_loss_sum
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.optim import OptimizerConfig
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
+# course ch.7 §6: learning_rate=5e-4, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1_000
+DEFAULT_OPTIMIZER = OptimizerConfig(lr=5e-4, weight_decay=0.1, lr_schedule="cosine", warmup_steps=1000)
 
 
 def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int, seq_len: int):
@@ -55,13 +60,7 @@ class CausalLM(RecipeModule):
         loss: str = "ce",
         keytokens: list[str] | None = None,
         keytoken_alpha: float = 1.0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 1000,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
         activation_checkpointing: bool = False,
         compile: bool = False,
     ):
@@ -78,17 +77,13 @@ class CausalLM(RecipeModule):
                 (the course's formula exactly: mean of weighted per-sample losses).
             keytokens: key tokens for the weighted losses (default: the course's plt, pd, sk, fit, predict).
             keytoken_alpha: the course's ``alpha`` weight scale.
-            lr: peak learning rate.
-            weight_decay: AdamW decay, not applied to biases and norm weights.
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            lr_schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
-            warmup_steps: linear warmup length in optimizer steps.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            optimizer: AdamW and its schedule (default: the course's, ch.7 §6).
             activation_checkpointing: recompute activations in backward to save memory.
             compile: ``torch.compile`` the model.
         """
-        super().__init__()
+        super().__init__(optimizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
+        optimizer = asdict(self.optimizer_config)
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
