@@ -4,6 +4,11 @@ Each recipe's training loss is summed over tokens (rows) and divided by the numb
 weights) in the whole optimizer step, so 2 micro-batches of 8 give the gradient of one batch of 16 even when the
 micro-batches hold different numbers of valid tokens (masked positions, padding rows, key-token weights)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -63,24 +68,45 @@ def test_causal_lm_accumulation_is_the_big_batch(tiny_bert, loss):
     assert_accumulation_matches_big_batch(make, [{"input_ids": r} for r in input_ids])
 
 
-def test_masked_lm_accumulation_is_the_big_batch():
+def mlm_rows() -> list[dict]:
+    """Even rows hold 6 masked positions, odd rows 1: micro-batches (and DDP ranks) of unequal weight."""
+    input_ids = ids(torch.Generator().manual_seed(1))  # (16, T)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[::2, :6] = input_ids[::2, :6]
+    labels[:8, 6] = input_ids[:8, 6]  # and the first micro-batch a few more
+    labels[1::2, 3] = input_ids[1::2, 3]
+    input_ids[labels != IGNORE_INDEX] = 4  # [MASK]
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
+
+
+def make_mlm():
     from lmrecipes.models.mlm import MaskedLM
 
-    generator = torch.Generator().manual_seed(1)
-    input_ids = ids(generator)  # (16, T)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:8, :6] = input_ids[:8, :6]  # 48 masked positions in the first micro-batch
-    labels[8:, 3] = input_ids[8:, 3]  # 8 in the second
-    input_ids[labels != IGNORE_INDEX] = 4  # [MASK]
+    torch.manual_seed(0)
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
+    return MaskedLM(config=config, vocab_size=VOCAB, seq_len=T)
 
-    def make():
-        torch.manual_seed(0)
-        config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                  "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
-        return MaskedLM(config=config, vocab_size=VOCAB, seq_len=T)
 
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
-    assert_accumulation_matches_big_batch(make, rows)
+def test_masked_lm_accumulation_is_the_big_batch():
+    assert_accumulation_matches_big_batch(make_mlm, mlm_rows())
+
+
+@pytest.mark.slow
+def test_masked_lm_on_two_ddp_processes_is_the_big_batch(tmp_path):
+    """2 processes x batch 8 (rank 0 with 6-7 masked positions per row, rank 1 with 1-2) give batch 16's gradient."""
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = Path(__file__).with_name("ddp_grads.py")
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+    big = step_grads(make_mlm, mlm_rows(), batch_size=ROWS, accumulate=1)
+    assert sorted(big) == sorted(ddp)
+    worst = max(float((big[n] - ddp[n]).abs().max()) for n in big)
+    print(f"max |grad(16) - grad(2 ranks x 8)| = {worst:.2e}")
+    assert worst < 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """LR multiplier for optimizer step ``s``: linear warmup to 1, then cosine/linear decay to ``min_lr_ratio``."""
+    """LR multiplier for optimizer step ``s``: linear warmup to 1, then cosine/linear decay to ``min_lr_ratio``.
+
+    Not ``transformers.get_scheduler``: its linear schedule has no ``min_lr_ratio`` floor and its cosine ones rise
+    again after ``num_training_steps``; test_optim checks every step against it where the two agree."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r} is not one of {SCHEDULES}")
     if total_steps <= 0:

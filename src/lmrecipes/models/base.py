@@ -1,6 +1,7 @@
-"""What every recipe's LightningModule shares: AdamW + warmup schedule, LR resync on resume, token-weighted
-perplexity, every rank's RNG states in checkpoints, two Lightning resume fixes, and the metadata export needs.
-Subclasses own the model, the loss and their (explicit) arguments."""
+"""What every recipe's LightningModule shares: the training step, its loss normalised by the valid tokens (rows) of
+the whole optimizer step on every rank, AdamW + warmup schedule, LR resync on resume, token-weighted perplexity,
+every rank's RNG states in checkpoints, two Lightning resume fixes, and the metadata export needs. Subclasses own
+the model, the loss (:meth:`RecipeModule.loss_sum`) and their (explicit) arguments."""
 
 from __future__ import annotations
 
