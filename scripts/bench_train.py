@@ -42,7 +42,7 @@ from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.callbacks import transformer_flops_per_token
 from lmrecipes.data.packing import iter_windows
 from lmrecipes.models.clm import CausalLM
-from lmrecipes.optim import split_decay_params
+from lmrecipes.optim import OptimizerConfig, split_decay_params
 
 TINY = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 HPARAMS = {"lr": 5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "lr_schedule": "cosine"}
@@ -215,7 +215,7 @@ def make_template(args, eos_id: int, hp: dict, dropout: float | None) -> CausalL
         config |= {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     torch.manual_seed(args.seed)
     ids = {"vocab_size": args.vocab, "bos_token_id": eos_id, "eos_token_id": eos_id, "seq_len": args.seq_len}
-    return CausalLM(config=config, loss="ce", **ids, **hp)
+    return CausalLM(config=config, loss="ce", **ids, optimizer=OptimizerConfig(**hp))
 
 
 def setup_check(template: CausalLM, args, hp: dict) -> dict:

@@ -11,7 +11,7 @@ from lmrecipes.models.clm import CausalLM
 
 def test_flops_per_batch_follow_each_batchs_length():
     model = CausalLM(config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}, vocab_size=32,
-                     bos_token_id=0, eos_token_id=0, seq_len=64, warmup_steps=0)  # fmt: skip
+                     bos_token_id=0, eos_token_id=0, seq_len=64, optimizer={"warmup_steps": 0})  # fmt: skip
     shapes = [(4, 8), (2, 24), (3, 16)]  # (B, T): none is the module's seq_len, nor 1,024
     batches = [{"input_ids": torch.zeros(shape, dtype=torch.long)} for shape in shapes]
     seen = []

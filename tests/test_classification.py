@@ -80,14 +80,18 @@ def write_csv(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def write_config(run: Path, model_dir: Path, *, data: dict, model: dict | None = None,
+def write_config(run: Path, model_dir: Path, *, data: dict, model: dict | None = None, optimizer: dict | None = None,
                  predictions: str = f"{RUN}/predictions.jsonl", name: str = "cls.yaml", **trainer) -> str:  # fmt: skip
     """A classification config of our own (not the shipped ones): paths relative to ``run``."""
     config = {
         "seed_everything": 0,
         "model": {
             "class_path": "lmrecipes.models.classification.SequenceClassifier",
-            "init_args": {"pretrained": str(model_dir), "lr": 2e-3, **(model or {})},
+            "init_args": {
+                "pretrained": str(model_dir),
+                **(model or {}),
+                "optimizer": {"lr": 2e-3, **(optimizer or {})},
+            },
         },
         "data": {
             "class_path": "lmrecipes.data.classification.ClassificationDataModule",
@@ -188,7 +192,7 @@ def fitted(tiny_bert, functions, tmp_path_factory):
     train = write_jsonl(run / "train.jsonl", train_rows)
     val_rows = train_rows + pair_rows(functions, 32, 33)
     val = write_jsonl(run / "validation.jsonl", val_rows)
-    config = write_config(run, model_dir, model={"lr": 5e-3}, max_steps=40,
+    config = write_config(run, model_dir, optimizer={"lr": 5e-3}, max_steps=40,
                           data={"train_source": train, "val_source": val, "predict_source": val})  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run)
@@ -282,7 +286,7 @@ def train_losses(run: Path) -> dict[int, float]:
 def resume_config(run: Path, model_dir: Path, train: str, *, batch_size: int = 8) -> str:
     """37 rows grouped by length, a constant learning rate (a shorter first fit must not change the schedule)."""
     run.mkdir()
-    return write_config(run, model_dir, model={"lr_schedule": "constant"}, limit_val_batches=0,
+    return write_config(run, model_dir, optimizer={"lr_schedule": "constant"}, limit_val_batches=0,
                         data={"train_source": train, "val_source": train, "group_by_length": True,
                               "batch_size": batch_size})  # fmt: skip
 
@@ -403,7 +407,7 @@ def test_three_classes_single_sentence_csv_macro_f1(tiny_bert, functions, tmp_pa
     val = write_csv(tmp_path / "validation.csv", val_rows)
     assert {r["label"] for r in val_rows} == {0, 1, 2}
     config = write_config(tmp_path, model_dir, predictions=f"{RUN}/predictions.csv", max_steps=36,
-                          model={"lr": 1e-2}, data={"train_source": train, "val_source": val, "predict_source": val,
+                          optimizer={"lr": 1e-2}, data={"train_source": train, "val_source": val, "predict_source": val,
                                 "text_pair_column": None})  # fmt: skip
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", config])
@@ -450,7 +454,7 @@ def test_predict_under_two_processes_keeps_input_order(fitted, predicted):
 def test_overfits_a_small_set_to_full_accuracy(tiny_bert, functions, tmp_path, monkeypatch, capsys):
     model_dir, _ = tiny_bert
     rows = write_jsonl(tmp_path / "small.jsonl", pair_rows(functions, 0, 16))
-    config = write_config(tmp_path, model_dir, model={"lr": 1e-2}, max_steps=30,
+    config = write_config(tmp_path, model_dir, optimizer={"lr": 1e-2}, max_steps=30,
                           data={"train_source": rows, "val_source": rows, "batch_size": 16})  # fmt: skip
     monkeypatch.chdir(tmp_path)
     before = validate(["--config", config], capsys)

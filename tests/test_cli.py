@@ -36,7 +36,7 @@ def fit_args(tree: Path, run: Path, *extra: str) -> list[str]:
         "--data.init_args.val_max_docs", "8",
         "--data.init_args.progress", "false",
         "--model.init_args.config", TINY_MODEL,
-        "--model.init_args.warmup_steps", "2",
+        "--model.init_args.optimizer.warmup_steps", "2",
         "--trainer.max_steps", "6",
         "--trainer.val_check_interval", "3",
         "--trainer.limit_val_batches", "4",
@@ -251,6 +251,7 @@ def test_overfit_one_batch_loss_falls():
     import lightning.pytorch as pl
 
     from lmrecipes.models.clm import CausalLM
+    from lmrecipes.optim import OptimizerConfig
 
     pl.seed_everything(0)
     model = CausalLM(
@@ -259,9 +260,7 @@ def test_overfit_one_batch_loss_falls():
         bos_token_id=0,
         eos_token_id=0,
         seq_len=32,
-        lr=3e-3,
-        warmup_steps=0,
-        lr_schedule="constant",
+        optimizer=OptimizerConfig(lr=3e-3, lr_schedule="constant"),
     )
     batch = {"input_ids": torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))}
     loader = torch.utils.data.DataLoader([batch] * 60, batch_size=None)

@@ -56,7 +56,8 @@ def test_every_config_form_expands_extends(form, capsys):
     resolved = print_config(form, capsys)
     assert resolved == print_config(["--config", OFFLINE_CLM], capsys)
     assert resolved["trainer"]["max_steps"] == 240  # the variant's own value
-    assert resolved["model"]["init_args"]["weight_decay"] == 0.1  # from its base, codeparrot-ds.yaml
+    optimizer = resolved["model"]["init_args"]["optimizer"]
+    assert optimizer["weight_decay"] == 0.1  # from its base, codeparrot-ds.yaml
 
 
 def test_several_configs_and_a_variant_of_a_variant(tmp_path, capsys):
@@ -65,7 +66,7 @@ def test_several_configs_and_a_variant_of_a_variant(tmp_path, capsys):
     resolved = print_config(["-c", OFFLINE_CLM, "--config", str(extra)], capsys)
     assert resolved["trainer"]["max_steps"] == 12
     assert resolved["data"]["init_args"]["train_source"] == "python-install"  # offline.yaml
-    assert resolved["model"]["init_args"]["lr_schedule"] == "cosine"  # codeparrot-ds.yaml
+    assert resolved["model"]["init_args"]["optimizer"]["lr_schedule"] == "cosine"  # codeparrot-ds.yaml
     big = print_config(["-c", str(REPO / "configs" / "clm" / "codeparrot.yaml")], capsys)
     assert big["model"]["init_args"]["config"]["n_layer"] == 48  # codeparrot.yaml
     assert big["data"]["init_args"]["seq_len"] == 1024  # codeparrot-small.yaml

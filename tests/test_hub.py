@@ -99,10 +99,12 @@ class Recorder:
 
 def tiny_fit(callback: PushToHub, tmp_path: Path, steps: int = 5) -> pl.Trainer:
     from lmrecipes.models.clm import CausalLM
+    from lmrecipes.optim import OptimizerConfig
 
     pl.seed_everything(0)
     model = CausalLM(config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}, vocab_size=32,
-                     bos_token_id=0, eos_token_id=0, seq_len=16, warmup_steps=0)  # fmt: skip
+                     bos_token_id=0, eos_token_id=0, seq_len=16,
+                     optimizer=OptimizerConfig(lr=5e-4, weight_decay=0.1, lr_schedule="cosine"))  # fmt: skip
     batch = {"input_ids": torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))}
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],

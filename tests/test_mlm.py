@@ -30,7 +30,7 @@ def mlm_args(tiny_bert, *extra: str) -> list[str]:
         "--data.init_args.chunk_size", "32", "--data.init_args.batch_size", "8", "--data.init_args.eval_size", "40",
         "--data.init_args.max_docs", "null", "--data.init_args.progress", "false",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--model.init_args.lr", "5e-3", "--model.init_args.warmup_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--model.init_args.optimizer.lr", "5e-3", "--model.init_args.optimizer.warmup_steps", "0",
         *extra,
     ]  # fmt: skip
 
@@ -124,7 +124,7 @@ def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(
     3 steps (the last on one batch): stopping after step 3 stops at the epoch's end, where Lightning resumes with a
     stale batch count unless the module resets it."""
     args = mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
-                    "--model.init_args.lr_schedule", "constant",
+                    "--model.init_args.optimizer.lr_schedule", "constant",
                     "--trainer.accumulate_grad_batches", str(accumulate))  # fmt: skip
     runs = {}
     for name, ends in (("whole", stops[-1:]), ("resumed", stops)):
@@ -153,7 +153,7 @@ def test_fit_resumed_from_a_checkpoint_on_an_epochs_last_batch(tiny_bert, tmp_pa
         }
     ]
     args = ["fit", *mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
-                              "--model.init_args.lr_schedule", "constant", "--trainer.accumulate_grad_batches", "2",
+                              "--model.init_args.optimizer.lr_schedule", "constant", "--trainer.accumulate_grad_batches", "2",
                               "--trainer.callbacks", json.dumps(callbacks))]  # fmt: skip
     main(args)
     main([*args, "--ckpt_path", "ckpts/step=3.ckpt"])

@@ -5,7 +5,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmrecipes.optim import build_optimizer, param_groups, split_decay_params, warmup_lambda
+from lmrecipes.optim import OptimizerConfig, build_optimizer, param_groups, split_decay_params, warmup_lambda
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +63,10 @@ def test_param_groups_hold_the_tensors(gpt2):
 
 
 def test_build_optimizer_groups_and_schedule(gpt2):
-    optimizer, scheduler = build_optimizer(
-        gpt2,
-        lr=1e-3,
-        weight_decay=0.1,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        schedule="cosine",
-        warmup_steps=10,
-        total_steps=50,
+    config = OptimizerConfig(
+        lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), lr_schedule="cosine", warmup_steps=10
     )
+    optimizer, scheduler = build_optimizer(gpt2, config, total_steps=50)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert len(optimizer.param_groups) == 2
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
@@ -134,3 +128,22 @@ def test_bad_schedule_arguments_raise():
         warmup_lambda("polynomial", 10, 50)
     with pytest.raises(ValueError, match="positive"):
         warmup_lambda("cosine", 10, 0)
+
+
+def test_optimizer_config_is_a_plain_dict_in_checkpoints(tmp_path):
+    import lightning.pytorch as pl
+
+    from lmrecipes.models.clm import CausalLM
+
+    config = OptimizerConfig(lr=2e-4, betas=(0.9, 0.95), lr_schedule="constant", min_lr_ratio=0.1)
+    model = CausalLM(config={"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 16}, vocab_size=32,
+                     bos_token_id=0, eos_token_id=0, seq_len=16, optimizer=config)  # fmt: skip
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    batch = {"input_ids": torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))}
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    hparams = torch.load(tmp_path / "one.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["optimizer"] == {"lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-8,
+                                    "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1}  # fmt: skip
+    assert CausalLM.load_from_checkpoint(tmp_path / "one.ckpt").optimizer_config == config

@@ -44,6 +44,31 @@ def keytoken_weights(input_ids: torch.Tensor, keytoken_ids: torch.Tensor, alpha:
     return alpha * (1.0 + hits.float())
 
 
+def keytoken_weighted_loss_sum(
+    input_ids: torch.Tensor,
+    logits: torch.Tensor,
+    keytoken_ids: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted per-sample losses, its normaliser) of the HF course's (ch.7 §6) key-token weighted loss.
+
+    Each sample's mean token loss is weighted by ``alpha * (1 + #key tokens in the sample)``, key tokens counted
+    over the whole input as the course does. ``normalize=False`` is the course's formula exactly:
+    ``mean(loss_per_sample * weights)`` (normaliser: the number of samples), whose scale grows with keyword
+    density, so the effective learning rate moves with the data. ``normalize=True`` (our default) divides by
+    ``sum(weights)`` instead, which keeps the loss a weighted mean of per-sample losses (equal to plain
+    cross-entropy when no key token occurs). Uses ``input_ids`` as labels (packed data has no padding).
+    """
+    losses = causal_lm_token_losses(logits, input_ids)  # (B, T-1)
+    valid = (input_ids[:, 1:] != IGNORE_INDEX).float()  # (B, T-1)
+    loss_per_sample = losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # (B,)
+    weights = keytoken_weights(input_ids, keytoken_ids, alpha)  # (B,)
+    total = (loss_per_sample * weights).sum()
+    return total, weights.sum() if normalize else torch.tensor(float(len(weights)), device=total.device)
+
+
 def keytoken_weighted_loss(
     input_ids: torch.Tensor,
     logits: torch.Tensor,
@@ -52,22 +77,11 @@ def keytoken_weighted_loss(
     alpha: float = 1.0,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """The HF course's (ch.7 §6) key-token weighted loss.
-
-    Each sample's mean token loss is weighted by ``alpha * (1 + #key tokens in the sample)``, key tokens counted
-    over the whole input as the course does. ``normalize=False`` is the course's formula exactly:
-    ``mean(loss_per_sample * weights)``, whose scale grows with keyword density, so the effective learning rate
-    moves with the data. ``normalize=True`` (our default) divides by ``sum(weights)`` instead of the batch size,
-    which keeps the loss a weighted mean of per-sample losses (equal to plain cross-entropy when no key token
-    occurs). Uses ``input_ids`` as labels (packed data has no padding).
-    """
-    losses = causal_lm_token_losses(logits, input_ids)  # (B, T-1)
-    valid = (input_ids[:, 1:] != IGNORE_INDEX).float()  # (B, T-1)
-    loss_per_sample = losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # (B,)
-    weights = keytoken_weights(input_ids, keytoken_ids, alpha)  # (B,)
-    if normalize:
-        return (loss_per_sample * weights).sum() / weights.sum()
-    return (loss_per_sample * weights).mean()
+    """The course's key-token weighted loss over one batch: :func:`keytoken_weighted_loss_sum`'s ratio."""
+    total, norm = keytoken_weighted_loss_sum(
+        input_ids, logits, keytoken_ids, alpha=alpha, normalize=normalize
+    )
+    return total / norm
 
 
 def classification_loss_sum(

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule; the defaults are the Hugging Face Trainer's.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW decay, not applied to biases and norm weights.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        lr_schedule: ``linear``, ``cosine`` or ``constant`` after the warmup.
+        warmup_steps: linear warmup from 0, in optimizer steps.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (``linear`` and ``cosine``).
+    """
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    @classmethod
+    def of(cls, value: OptimizerConfig | dict) -> OptimizerConfig:
+        """The config itself, or one from the plain dict a checkpoint's hyper-parameters hold."""
+        return value if isinstance(value, cls) else cls(**value)
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -46,7 +76,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
-    """LR multiplier for optimizer step ``s``: linear warmup to 1, then cosine/linear decay to ``min_lr_ratio``."""
+    """LR multiplier for optimizer step ``s``: linear warmup to 1, then cosine/linear decay to ``min_lr_ratio``.
+
+    Not ``transformers.get_scheduler``: its linear schedule has no ``min_lr_ratio`` floor and its cosine ones rise
+    again after ``num_training_steps``; test_optim checks every step against it where the two agree."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r} is not one of {SCHEDULES}")
     if total_steps <= 0:
@@ -65,25 +98,15 @@ def warmup_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_rat
 
 
 def build_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    schedule: str,
-    warmup_steps: int,
-    total_steps: int,
-    min_lr_ratio: float = 0.0,
-    fused: bool | None = None,
+    model: nn.Module, config: OptimizerConfig, *, total_steps: int, fused: bool | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over :func:`param_groups` and a per-step LambdaLR; ``fused`` defaults to on for CUDA parameters."""
     if fused is None:
         fused = next(model.parameters()).is_cuda
-    optimizer = torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
-    )
-    lr_lambda = warmup_lambda(schedule, warmup_steps, total_steps, min_lr_ratio)
+    c = config
+    groups = param_groups(model, c.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=fused or None)
+    lr_lambda = warmup_lambda(c.lr_schedule, c.warmup_steps, total_steps, c.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 

@@ -40,7 +40,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from lmrecipes.losses import IGNORE_INDEX
 
 # splitmix64 constants (Steele, Lea & Flood 2014) as signed int64: torch int64 arithmetic wraps modulo 2**64.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)

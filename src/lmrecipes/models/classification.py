@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import Accuracy, F1Score
 
 from lmrecipes.losses import IGNORE_INDEX, classification_loss_sum
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.optim import OptimizerConfig
 from lmrecipes.paths import resolve_pretrained
 
 LOSSES = ("ce", "weighted_ce")
+# course ch.3 §3: the Trainer's defaults (learning_rate=5e-5, weight_decay=0, linear schedule, no warmup)
+DEFAULT_OPTIMIZER = OptimizerConfig()
 
 
 class SequenceClassifier(RecipeModule):
@@ -28,13 +33,7 @@ class SequenceClassifier(RecipeModule):
         loss: str = "ce",
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
-        lr: float = 5e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_schedule: str = "linear",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
     ):
         """
         Args:
@@ -45,15 +44,11 @@ class SequenceClassifier(RecipeModule):
             loss: ``ce`` or ``weighted_ce`` (``class_weights`` per class).
             class_weights: one weight per class for ``weighted_ce``.
             label_smoothing: cross-entropy label smoothing.
-            lr: peak learning rate (the course: 5e-5).
-            weight_decay: AdamW decay (the course's Trainer default: 0).
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            lr_schedule: ``linear`` (the course), ``cosine`` or ``constant``.
-            warmup_steps: warmup in optimizer steps.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            optimizer: AdamW and its schedule (default: the course's, ch.3 §3).
         """
-        super().__init__()
+        super().__init__(optimizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
+        optimizer = asdict(self.optimizer_config)
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
@@ -90,6 +85,10 @@ class SequenceClassifier(RecipeModule):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model(**inputs).logits  # (B, C)
 
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return classification_loss_sum(self(batch), batch["labels"], class_weights=self.class_weights,
+                                       label_smoothing=self.hparams.label_smoothing)  # fmt: skip
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over the batch's valid rows, their weight); padding rows (label -100) count for nothing, and
         a batch of nothing but padding (the epoch's last, so every DDP rank steps) gives a zero loss."""
@@ -97,17 +96,11 @@ class SequenceClassifier(RecipeModule):
                                                label_smoothing=self.hparams.label_smoothing)  # fmt: skip
         return total / norm.clamp(min=torch.finfo(total.dtype).tiny), norm
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(self(batch), batch["labels"])  # (B, C), (B,) in
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def _evaluate(self, batch: dict, stage: str) -> None:
         logits, labels = self(batch), batch["labels"]  # (B, C), (B,)
         keep = labels != IGNORE_INDEX
-        loss, weight = self._loss(
-            logits, labels
-        )  # a mean over the rows' (class) weights: weigh it by their sum
+        # a mean over the rows' (class) weights: weigh it by their sum
+        loss, weight = self._loss(logits, labels)
         self.metrics[f"{stage}_loss"].update(loss, weight)
         self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
         preds = logits.argmax(-1)[keep]

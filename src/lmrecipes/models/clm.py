@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from lmrecipes.losses import causal_lm_loss, causal_lm_loss_sum, keytoken_weighted_loss
+from lmrecipes.losses import causal_lm_loss_sum, keytoken_weighted_loss_sum
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.optim import OptimizerConfig
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
+# course ch.7 §6: learning_rate=5e-4, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1_000
+DEFAULT_OPTIMIZER = OptimizerConfig(lr=5e-4, weight_decay=0.1, lr_schedule="cosine", warmup_steps=1000)
 
 
 def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int, seq_len: int):
@@ -55,13 +60,7 @@ class CausalLM(RecipeModule):
         loss: str = "ce",
         keytokens: list[str] | None = None,
         keytoken_alpha: float = 1.0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 1000,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
         activation_checkpointing: bool = False,
         compile: bool = False,
     ):
@@ -78,17 +77,13 @@ class CausalLM(RecipeModule):
                 (the course's formula exactly: mean of weighted per-sample losses).
             keytokens: key tokens for the weighted losses (default: the course's plt, pd, sk, fit, predict).
             keytoken_alpha: the course's ``alpha`` weight scale.
-            lr: peak learning rate.
-            weight_decay: AdamW decay, not applied to biases and norm weights.
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            lr_schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
-            warmup_steps: linear warmup length in optimizer steps.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            optimizer: AdamW and its schedule (default: the course's, ch.7 §6).
             activation_checkpointing: recompute activations in backward to save memory.
             compile: ``torch.compile`` the model.
         """
-        super().__init__()
+        super().__init__(optimizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
+        optimizer = asdict(self.optimizer_config)
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
@@ -138,26 +133,17 @@ class CausalLM(RecipeModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
 
-    def _loss(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch["input_ids"]  # (B, T)
+        logits = self(input_ids)  # (B, T, V)
         if self.hparams.loss == "ce":
-            return causal_lm_loss(logits, input_ids)
+            return causal_lm_loss_sum(logits, input_ids)
         normalize = self.hparams.loss == "keytoken"
-        return keytoken_weighted_loss(
+        return keytoken_weighted_loss_sum(
             input_ids, logits, self.keytoken_ids, alpha=self.hparams.keytoken_alpha, normalize=normalize
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        input_ids = batch["input_ids"]  # (B, T)
-        logits = self(input_ids)  # (B, T, V)
-        loss = self._loss(input_ids, logits)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
+        # plain cross-entropy whatever the training loss: val/ppl compares with the course's
         return causal_lm_loss_sum(self(input_ids), input_ids)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.update_eval_loss(*self.eval_loss_sum(batch))
-
-    test_step = validation_step

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 
 from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.optim import OptimizerConfig
 from lmrecipes.paths import resolve_pretrained
+
+# course ch.7 §3: learning_rate=2e-5, weight_decay=0.01, the Trainer's linear schedule without warmup
+DEFAULT_OPTIMIZER = OptimizerConfig(lr=2e-5, weight_decay=0.01)
 
 
 def masked_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +64,7 @@ class MaskedLM(RecipeModule):
         vocab_size: int = 30522,
         seq_len: int = 128,
         tokenizer_path: str | None = None,
-        lr: float = 2e-5,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_schedule: str = "linear",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
+        optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
     ):
         """
         Args:
@@ -74,15 +74,11 @@ class MaskedLM(RecipeModule):
             vocab_size: linked from the tokenizer.
             seq_len: linked from the data (``chunk_size``); must fit the model's position embeddings.
             tokenizer_path: linked from the data; exported with the model.
-            lr: peak learning rate (the course: 2e-5).
-            weight_decay: AdamW decay (the course: 0.01), not applied to biases and norm weights.
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            lr_schedule: ``linear`` (the Trainer's default), ``cosine`` or ``constant``.
-            warmup_steps: warmup in optimizer steps.
-            min_lr_ratio: final learning rate as a fraction of ``lr``.
+            optimizer: AdamW and its schedule (default: the course's, ch.7 §3).
         """
-        super().__init__()
+        super().__init__(optimizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
+        optimizer = asdict(self.optimizer_config)
         self.save_hyperparameters()
         self.model = build_masked_lm(pretrained=pretrained, config=config, vocab_size=vocab_size)
         cfg = self.model.config
@@ -95,19 +91,5 @@ class MaskedLM(RecipeModule):
                 f"data.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
             )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits  # (B, T, V)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self.eval_loss_sum(batch)
-        loss = total / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def eval_loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return masked_lm_loss_sum(*masked_logits(self.model, batch["input_ids"], batch["labels"]))
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.update_eval_loss(*self.eval_loss_sum(batch))
-
-    test_step = validation_step
