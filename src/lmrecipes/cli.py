@@ -20,7 +20,14 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lmrecipes.defaults import as_list
+from lmrecipes.defaults import (
+    as_list,
+    check_resume_callbacks,
+    run_callbacks,
+    run_loggers,
+    run_plugins,
+    run_root,
+)
 
 # Values that come from the data reach the model here and nowhere else. A link whose target the chosen model
 # class does not take is skipped by jsonargparse, so one table serves every recipe.
@@ -63,8 +70,6 @@ class RecipeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The config's trainer with the run's default callbacks, loggers and checkpoint I/O (``defaults.py``)."""
-        from lmrecipes.defaults import run_callbacks, run_loggers, run_plugins, run_root
-
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer = config.get("trainer", {})
         check_launcher_devices(trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")))
@@ -88,7 +93,6 @@ class RecipeCLI(LightningCLI):
         """Run before every subcommand: a corrupt or truncated checkpoint is named before anything trains, and
         "last" falls back to the newest valid one in the ModelCheckpoint folder."""
         from lmrecipes.checkpoints import remove_partial_saves, resolve_ckpt_path
-        from lmrecipes.defaults import check_resume_callbacks
         from lmrecipes.resume import ExactResume
 
         config = self.config_init[self.subcommand]
