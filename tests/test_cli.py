@@ -174,10 +174,16 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
         data._resume_for(0, 2)
 
 
-def test_ckpt_path_last_without_save_last_is_an_error(code_tree, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "no_last",
+    [["--checkpoint.save_last", "false"], ["--trainer.enable_checkpointing", "false"],
+     ["--trainer.callbacks", "[{class_path: ModelCheckpoint, init_args: {dirpath: ckpts}}]"]],
+    ids=["default without save_last", "checkpointing off", "own ModelCheckpoint without save_last"],
+)  # fmt: skip
+def test_ckpt_path_last_without_save_last_is_an_error(no_last, code_tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="save_last"):
-        main(fit_args(code_tree, tmp_path, "--trainer.callbacks", "[]", "--ckpt_path", "last"))
+        main(fit_args(code_tree, tmp_path, *no_last, "--ckpt_path", "last"))
 
 
 @pytest.mark.parametrize(

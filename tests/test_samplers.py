@@ -244,3 +244,17 @@ def test_classification_padding_rows_are_ignored_even_in_a_batch_of_nothing_else
         float(p.grad.abs().sum()) == 0 for p in model.parameters() if p.grad is not None
     )
     assert torch.isfinite(model.training_step(batches[0], 0))
+
+
+def test_shard_sampler_is_lightnings_unrepeated_sampler_and_names_a_rank_without_rows():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    from lmrecipes.data.samplers import ShardSampler
+
+    shards = [ShardSampler(list(range(7)), rank=r, world_size=3) for r in range(3)]
+    assert all(isinstance(s, UnrepeatedDistributedSampler) for s in shards)
+    assert [list(s) for s in shards] == [[0, 3, 6], [1, 4], [2, 5]]  # in order, each row once, no padding
+    assert [len(s) for s in shards] == [3, 2, 2]
+    assert list(ShardSampler([], rank=1, world_size=2)) == []
+    with pytest.raises(ValueError, match="2 evaluation rows for 3 processes"):
+        ShardSampler([0, 1], rank=2, world_size=3)

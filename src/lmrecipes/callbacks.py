@@ -113,24 +113,31 @@ class RecipeReport(pl.Callback):
         self,
         *,
         export_dir: str | None = None,
+        export: bool = True,
         prompts: list[str] | None = None,
         max_new_tokens: int = 48,
         max_batches: int | None = None,
     ):
         """
         Args:
-            export_dir: export the trained model here at the end of fit (None: no export).
+            export_dir: export the trained model here at the end of fit (default: ``export`` in the run folder,
+                ``trainer.default_root_dir``).
+            export: export (and complete the prompts) at all.
             prompts: prompts to complete with the exported model.
             max_new_tokens: tokens per completion.
             max_batches: validation batches for the before/after perplexity (default: trainer.limit_val_batches
                 when it is a count, else all).
         """
         self.max_batches = max_batches
-        self.export_dir = export_dir
+        self.export_dir, self.export = export_dir, export
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
         self.before: float | None = None
         self.start_step = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.export and self.export_dir is None:
+            self.export_dir = str(Path(trainer.default_root_dir) / "export")
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Not on_fit_start: a resumed run's step is restored only after it (it would call step 0 "before training").
@@ -153,7 +160,7 @@ class RecipeReport(pl.Callback):
                 f"validation perplexity {self._start_label()}: {math.exp(self.before):.2f} "
                 f"(loss {self.before:.4f})",
             )
-        if self.export_dir:
+        if self.export:
             lines += self._export_and_sample(trainer, pl_module)
         rank_zero_info("\n".join(["", "=" * 72, *lines, "=" * 72]))
 
@@ -201,15 +208,21 @@ class PredictionWriter(BasePredictionWriter):
     through a temporary file so an interrupted run never leaves a truncated file behind.
     """
 
-    def __init__(self, *, output: str = "predictions.jsonl"):
+    def __init__(self, *, output: str | None = None):
         """
         Args:
-            output: file to write, ``.jsonl`` or ``.csv``.
+            output: file to write, ``.jsonl`` or ``.csv`` (default: ``predictions.jsonl`` in the run folder,
+                ``trainer.default_root_dir``).
         """
         super().__init__(write_interval="epoch")
-        if not output.endswith((".jsonl", ".csv")):
+        if output is not None and not output.endswith((".jsonl", ".csv")):
             raise ValueError(f"PredictionWriter output={output!r} must end in .jsonl or .csv")
-        self.output = Path(output)
+        self.output = None if output is None else Path(output)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.output is None:
+            self.output = Path(trainer.default_root_dir) / "predictions.jsonl"
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         rows = {int(i): p.tolist() for batch in predictions for i, p in zip(batch["index"], batch["probs"])}

@@ -20,6 +20,15 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lmrecipes.defaults import (
+    as_list,
+    check_resume_callbacks,
+    run_callbacks,
+    run_loggers,
+    run_plugins,
+    run_root,
+)
+
 # Values that come from the data reach the model here and nowhere else. A link whose target the chosen model
 # class does not take is skipped by jsonargparse, so one table serves every recipe.
 DATA_TO_MODEL = {
@@ -37,6 +46,12 @@ class RecipeCLI(LightningCLI):
     """LightningCLI with the data -> model links and a checkpoint that knows how to resume."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # The default ModelCheckpoint's arguments: a section, so a variant's `checkpoint: {every_n_train_steps: 80}`
+        # merges with its base's (a trainer.callbacks list would replace the base's whole list).
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint", instantiate=False)
+        parser.set_defaults({"checkpoint.save_last": True})
         for source, target in DATA_TO_MODEL.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
@@ -50,32 +65,29 @@ class RecipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_resume_config(config)
         check_batch_sizes(config)
         check_hub_values(config)
 
     def instantiate_trainer(self, **kwargs):
-        """Every run gets atomic checkpoint writes, save-and-exit on preemption signals, the non-finite loss
-        policy, epochs counted from the data, curves.png at the end of fit and exact resume, unless the config
-        chose its own."""
-        from lightning.pytorch.plugins.io import CheckpointIO
-
-        from lmrecipes.callbacks import EpochsFromData
-        from lmrecipes.checkpoints import AtomicCheckpointIO
-        from lmrecipes.curves import Curves
-        from lmrecipes.resilience import NonFiniteLoss, Preemption
-        from lmrecipes.resume import ExactResume
-
-        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(
-            "trainer", {}
+        """The config's trainer with the run's default callbacks, loggers and checkpoint I/O (``defaults.py``)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer", {})
+        check_launcher_devices(trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")))
+        root = run_root(trainer)
+        checkpoint = config.get("checkpoint")
+        callbacks = run_callbacks(
+            as_list(trainer.get("callbacks")),
+            root=root,
+            checkpoint=checkpoint.as_dict() if hasattr(checkpoint, "as_dict") else checkpoint,
+            counts_data=hasattr(self.datamodule, "data_stats"),
+            checkpointing=trainer.get("enable_checkpointing") is not False,
         )
-        check_launcher_devices(config.get("devices", "auto"), str(config.get("accelerator", "auto")))
-        callbacks, plugins = as_list(config.get("callbacks")), as_list(config.get("plugins"))
-        defaults = (Preemption, NonFiniteLoss, EpochsFromData, Curves, ExactResume)
-        callbacks += [cls() for cls in defaults if not any(isinstance(c, cls) for c in callbacks)]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins, **kwargs})
+        defaults = {
+            "callbacks": callbacks,
+            "logger": run_loggers(trainer.get("logger"), root=root),
+            "plugins": run_plugins(trainer.get("plugins")),
+        }
+        return super().instantiate_trainer(**{**defaults, **kwargs})
 
     def resolve_checkpoint(self) -> None:
         """Run before every subcommand: a corrupt or truncated checkpoint is named before anything trains, and
@@ -91,6 +103,8 @@ class RecipeCLI(LightningCLI):
             for tmp in remove_partial_saves(folder):
                 print(f"lmrecipes: removed {tmp} (left by a save that was interrupted)", flush=True)
         asked = config.get("ckpt_path")
+        if asked == "last":
+            check_resume_callbacks(self.trainer.callbacks)
         config["ckpt_path"] = resolve_ckpt_path(
             asked, folder, quarantine=self.trainer.is_global_zero, training=self.subcommand == "fit"
         )
@@ -101,30 +115,6 @@ class RecipeCLI(LightningCLI):
             print(f"lmrecipes: no checkpoint in {folder} yet: starting from scratch", flush=True)
 
     before_fit = before_validate = before_test = before_predict = resolve_checkpoint
-
-
-def as_list(value) -> list:
-    """A trainer argument that takes one object or a list of them, as a new list."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def check_resume_config(config) -> None:
-    """``--ckpt_path last`` silently starts from scratch without a ModelCheckpoint that has dirpath and save_last."""
-    if config.get("ckpt_path") != "last":
-        return
-    callbacks = config.trainer.get("callbacks") or []
-    for cb in callbacks:
-        class_path = cb.get("class_path", "") if hasattr(cb, "get") else ""
-        if class_path.endswith("ModelCheckpoint"):
-            args = cb.get("init_args") or {}
-            if args.get("dirpath") and args.get("save_last"):
-                return
-    raise ValueError(
-        "--ckpt_path last needs a ModelCheckpoint callback with an explicit dirpath and save_last: true in "
-        "trainer.callbacks (otherwise Lightning finds no last.ckpt and silently starts from scratch)"
-    )
 
 
 def check_batch_sizes(config) -> None:

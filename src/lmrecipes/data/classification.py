@@ -8,9 +8,9 @@ import itertools
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from lmrecipes.data.samplers import Draw, TrainPosition, fingerprint
+from lmrecipes.data.samplers import Draw, ShardSampler, TrainPosition, fingerprint
 from lmrecipes.data.sources import open_source
 from lmrecipes.data.stream import loader_options
 from lmrecipes.losses import IGNORE_INDEX
@@ -45,20 +45,6 @@ class Examples(Dataset):
         lengths = np.array([len(f["input_ids"]) for f in rows], dtype=np.int64)
         labels = np.array([f.get("labels", IGNORE_INDEX) for f in rows], dtype=np.int64)
         return fingerprint(ids, lengths, labels)
-
-
-class ShardSampler(DistributedSampler):
-    """Rows ``rank::world`` in order, without the padding duplicates of DistributedSampler, so validation metrics
-    and predictions count every row exactly once. Subclassing DistributedSampler keeps Lightning from re-wrapping."""
-
-    def __init__(self, dataset: Dataset, *, rank: int, world_size: int):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 class ClassificationDataModule(pl.LightningDataModule):

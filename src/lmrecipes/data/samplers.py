@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler
 
 from lmrecipes.data.masking import batch_generator
@@ -134,7 +135,9 @@ class TrainPosition:
 class ExactlyOnceSampler(DistributedSampler):
     """Yields :class:`Draw` tuples (the dataset's ``__getitem__`` takes them): ``steps`` full batches per rank.
 
-    ``len()`` is always the whole epoch, which is how Lightning counts a resumed one (batches done + batches left)."""
+    ``len()`` is always the whole epoch, which is how Lightning counts a resumed one (batches done + batches left).
+    Not Lightning's UnrepeatedDistributedSampler (2.6.6): its ranks may run one batch fewer (a DDP hang in training,
+    as its docstring warns), its shuffle is seeded by the epoch alone, and it cannot start mid-epoch."""
 
     def __init__(
         self,
@@ -185,6 +188,19 @@ class ExactlyOnceSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.steps * self.batch_size
+
+
+class ShardSampler(UnrepeatedDistributedSampler):
+    """Evaluation rows ``rank::world`` in order, each once (no padding duplicates, so metrics and predictions count
+    every row once): Lightning's UnrepeatedDistributedSampler, which Lightning itself applies only to predict."""
+
+    def __init__(self, dataset: Dataset, *, rank: int, world_size: int):
+        if 0 < len(dataset) < world_size:  # Lightning's own check is a bare assert
+            raise ValueError(
+                f"{len(dataset)} evaluation rows for {world_size} processes: every process needs at least one row "
+                "(one without would leave the others waiting); evaluate on more rows or fewer processes"
+            )
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 def fingerprint(*arrays: torch.Tensor | np.ndarray) -> str:
