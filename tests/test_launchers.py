@@ -123,9 +123,9 @@ def test_slurm_script_command_is_accepted_by_the_cli(tmp_path, monkeypatch, caps
     assert (config["trainer"]["num_nodes"], int(config["trainer"]["devices"])) == (2, 8)
     assert (config["trainer"]["strategy"], config["trainer"]["max_steps"]) == ("ddp", 10)
     assert config["ckpt_path"] == "last"
-    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    checkpoint = callbacks["ModelCheckpoint"]
-    assert checkpoint["dirpath"] and checkpoint["save_last"]  # where --ckpt_path last looks after a requeue
+    # where --ckpt_path last looks after a requeue: the default ModelCheckpoint saves last.ckpt in <run>/checkpoints
+    assert config["checkpoint"]["save_last"] and config["checkpoint"]["dirpath"] is None
+    assert config["trainer"]["default_root_dir"] == "runs/codeparrot-small"
 
 
 def test_torchrun_with_a_device_count_that_does_not_match_is_refused(monkeypatch):
