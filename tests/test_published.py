@@ -34,7 +34,7 @@ def test_course_chunk_downsampling_is_datasets_train_test_split(tiny_bert):
     split = rows.train_test_split(train_size=40, test_size=12, seed=42)
     assert torch.equal(val_ids, pool[split["test"]["row"]])
     assert torch.equal(train_ids, pool[split["train"]["row"]])
-    with pytest.raises(ValueError, match="needs train_size and eval_size"):
+    with pytest.raises(ValueError, match="needs chunking.train_size and chunking.eval_size"):
         MaskedTextDataModule(
             **grouped(
                 MaskedTextDataModule, tokenizer=str(model_dir), train_source=str(corpus), heldout="chunks"
