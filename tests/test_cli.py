@@ -168,6 +168,8 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
 
     saved = torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
     hparams = {k: v for k, v in saved["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    assert hparams["packing"] == {"seq_len": 32, "mode": "concat", "pretokenize": False,
+                                  "cache_dir": ".cache/lmrecipes"}  # groups saved as plain dicts  # fmt: skip
     data = CodeDataModule(**hparams)
     data.load_state_dict(saved["CodeDataModule"])
     with pytest.raises(ValueError, match=r"world_size: 1 -> 2"):

@@ -23,7 +23,7 @@ from lmrecipes.data.groups import (
     TokenizerTraining,
     plain,
 )
-from lmrecipes.data.packing import check_mode, iter_windows
+from lmrecipes.data.packing import PACKING_MODES, iter_windows
 from lmrecipes.data.pretokenize import (
     ensure_token_file,
     load_token_file,
@@ -97,7 +97,8 @@ class CodeDataModule(pl.LightningDataModule):
         loader, train_tokenizer = plain(self.loader), plain(self.train_tokenizer)
         self.save_hyperparameters()
         s = self.source
-        check_mode(self.packing.mode)
+        if self.packing.mode not in PACKING_MODES:
+            raise ValueError(f"data.packing.mode={self.packing.mode!r} is not one of {PACKING_MODES}")
         if s.on_error not in ("error", "skip"):
             raise ValueError(f"data.source.on_error={s.on_error!r} is not one of ('error', 'skip')")
         if not 0 <= s.heldout_fraction < 1:
