@@ -23,6 +23,7 @@ import yaml
 
 from lmrecipes.cli import main
 from lmrecipes.data.classification import ClassificationDataModule, ShardSampler
+from lmrecipes.data.groups import grouped
 from lmrecipes.models.classification import SequenceClassifier
 
 RUN = "runs/cls"
@@ -95,16 +96,19 @@ def write_config(run: Path, model_dir: Path, *, data: dict, model: dict | None =
         },
         "data": {
             "class_path": "lmrecipes.data.classification.ClassificationDataModule",
-            "init_args": {
-                "tokenizer": str(model_dir),
-                "text_column": "text_a",
-                "text_pair_column": "text_b",
-                "id_column": "id",
-                "max_length": 48,
-                "batch_size": 8,
-                "progress": False,
-                **data,
-            },
+            "init_args": grouped(
+                ClassificationDataModule,
+                **{
+                    "tokenizer": str(model_dir),
+                    "text_column": "text_a",
+                    "text_pair_column": "text_b",
+                    "id_column": "id",
+                    "max_length": 48,
+                    "batch_size": 8,
+                    "progress": False,
+                    **data,
+                },
+            ),
         },  # fmt: skip
         "trainer": {
             "accelerator": "cpu",
@@ -224,9 +228,9 @@ def test_dynamic_padding_per_batch_multiple_of_8_and_max_length(tiny_bert, funct
     rows = write_jsonl(tmp_path / "rows.jsonl", pairs)
 
     def batches(precision: str | None = None, **kwargs) -> tuple[list[torch.Tensor], list[int]]:
-        dm = ClassificationDataModule(tokenizer=str(model_dir), train_source=rows, val_source=rows,
+        dm = ClassificationDataModule(**grouped(ClassificationDataModule, tokenizer=str(model_dir), train_source=rows, val_source=rows,
                                       text_column="text_a", text_pair_column="text_b", max_length=40,
-                                      batch_size=8, progress=False, **kwargs)  # fmt: skip
+                                      batch_size=8, progress=False, **kwargs))  # fmt: skip
         if precision is not None:
             dm.trainer = pl.Trainer(precision=precision, accelerator="cpu", logger=False)
         dm.setup("validate")
@@ -258,9 +262,9 @@ def test_dynamic_padding_per_batch_multiple_of_8_and_max_length(tiny_bert, funct
 def test_group_by_length_covers_every_row_once(tiny_bert, functions, tmp_path):
     model_dir, _ = tiny_bert
     rows = write_jsonl(tmp_path / "rows.jsonl", pair_rows(functions, 0, 50))
-    dm = ClassificationDataModule(tokenizer=str(model_dir), train_source=rows, val_source=rows,
+    dm = ClassificationDataModule(**grouped(ClassificationDataModule, tokenizer=str(model_dir), train_source=rows, val_source=rows,
                                   text_column="text_a", text_pair_column="text_b", batch_size=8,
-                                  group_by_length=True, progress=False)  # fmt: skip
+                                  group_by_length=True, progress=False))  # fmt: skip
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert [len(b["index"]) for b in batches] == [8] * 7  # 50 rows and 6 padding rows, which carry label -100
@@ -477,7 +481,11 @@ def int_rows(functions: list[dict], start: int, count: int) -> list[dict]:
         ("missing_pair_column", "fit", r"no column 'text_c'"),
         ("pair_is_text_column", "fit", r"text_pair_column='text_a' is the same column"),
         ("empty_split", "fit", r"validation split .* is empty"),
-        ("val_source_unset", "fit", r"data.val_source is not set and data.train_source=.* is local files"),
+        (
+            "val_source_unset",
+            "fit",
+            r"data.source.val_source is not set and data.source.train_source=.* is local files",
+        ),
     ],
 )
 def test_bad_input_fails_before_training(case, command, match, tiny_bert, functions, tmp_path, monkeypatch):

@@ -26,14 +26,14 @@ def fit_args(tree: Path, run: Path, *extra: str) -> list[str]:
     """The offline config, pointed at the tiny corpus and scaled to seconds; paths under ``run``."""
     return [
         "fit", "--config", OFFLINE,
-        "--data.init_args.train_source", str(tree),
+        "--data.init_args.source.train_source", str(tree),
         "--data.init_args.tokenizer", str(run / "tokenizer"),
-        "--data.init_args.train_tokenizer_vocab", "400",
-        "--data.init_args.heldout_fraction", "0.15",
-        "--data.init_args.seq_len", "32",
-        "--data.init_args.batch_size", "4",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.val_max_docs", "8",
+        "--data.init_args.train_tokenizer.vocab_size", "400",
+        "--data.init_args.source.heldout_fraction", "0.15",
+        "--data.init_args.packing.seq_len", "32",
+        "--data.init_args.loader.batch_size", "4",
+        "--data.init_args.loader.num_workers", "0",
+        "--data.init_args.source.val_max_docs", "8",
         "--data.init_args.progress", "false",
         "--model.init_args.config", TINY_MODEL,
         "--model.init_args.optimizer.warmup_steps", "2",
@@ -153,11 +153,11 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     main(fit_args(code_tree, tmp_path, *tokenizer, "--trainer.max_steps", "2"))
     resume = [*tokenizer, "--ckpt_path", "last"]
     with pytest.raises(ValueError, match=r"batch_size: 4 -> 8"):
-        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.batch_size", "8"))
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.loader.batch_size", "8"))
     with pytest.raises(ValueError, match=r"seq_len: 32 -> 16"):
-        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.seq_len", "16"))
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.packing.seq_len", "16"))
     with pytest.raises(ValueError, match=r"shuffle_seed: 0 -> 5"):
-        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.shuffle_seed", "5"))
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.loader.shuffle_seed", "5"))
     edited = tmp_path / "edited"
     shutil.copytree(code_tree, edited)
     next(edited.rglob("*.py")).write_text("x = 1\n")  # the same files, one changed: a new fingerprint
@@ -168,6 +168,8 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
 
     saved = torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
     hparams = {k: v for k, v in saved["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    assert hparams["packing"] == {"seq_len": 32, "mode": "concat", "pretokenize": False,
+                                  "cache_dir": ".cache/lmrecipes"}  # groups saved as plain dicts  # fmt: skip
     data = CodeDataModule(**hparams)
     data.load_state_dict(saved["CodeDataModule"])
     with pytest.raises(ValueError, match=r"world_size: 1 -> 2"):
@@ -189,11 +191,17 @@ def test_ckpt_path_last_without_save_last_is_an_error(no_last, code_tree, tmp_pa
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--data.init_args.seq_len", "128"], "exceeds the model's n_positions=64"),
-        (["--data.init_args.keywords", "[no_such_keyword_anywhere]"], "kept no"),
+        (["--data.init_args.packing.seq_len", "128"], "exceeds the model's n_positions=64"),
+        (["--data.init_args.filters.keywords", "[no_such_keyword_anywhere]"], "kept no"),
         (["--model.init_args.loss", "keytoken", "--model.init_args.keytokens", "[zzqx]"], "single token"),
-        (["--data.init_args.batch_size", "0"], "--data.init_args.batch_size 0: a batch holds at least 1"),
-        (["--data.init_args.val_batch_size", "-2"], "--data.init_args.val_batch_size -2: a batch holds"),
+        (
+            ["--data.init_args.loader.batch_size", "0"],
+            "--data.init_args.loader.batch_size 0: a batch holds at least 1",
+        ),
+        (
+            ["--data.init_args.loader.val_batch_size", "-2"],
+            "--data.init_args.loader.val_batch_size -2: a batch holds",
+        ),
     ],
 )
 def test_bad_settings_fail_before_training(code_tree, tmp_path, monkeypatch, override, message):
@@ -210,8 +218,8 @@ def test_a_corpus_too_small_for_a_tokenizer_says_what_to_change(tmp_path, monkey
     for i in range(5):
         (tree / f"m{i}.py").write_text(f"import pandas as pd\n\nx = {i}\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"data.train_source='.*tiny' gave only 5 documents .* add documents, loosen "
-                       "data.keywords, or give a trained tokenizer in data.tokenizer") as err:  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.source.train_source='.*tiny' gave only 5 documents .* add documents, "
+                       "loosen data.filters.keywords, or give a trained tokenizer in data.tokenizer") as err:  # fmt: skip
         main(fit_args(tree, tmp_path))
     assert "report_docs" not in str(err.value)  # the tokenizer command's option, which fit does not have
 
@@ -221,9 +229,9 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     """Each shipped YAML builds its Trainer, DataModule and model (Hub ids swapped for local paths)."""
     monkeypatch.chdir(tmp_path)
     local = [
-        "--data.init_args.train_source", str(code_tree), "--data.init_args.val_source", "null",
-        "--data.init_args.tokenizer", str(tmp_path / "tok"), "--data.init_args.train_tokenizer_vocab", "300",
-        "--data.init_args.heldout_fraction", "0.1", "--data.init_args.progress", "false",
+        "--data.init_args.source.train_source", str(code_tree), "--data.init_args.source.val_source", "null",
+        "--data.init_args.tokenizer", str(tmp_path / "tok"), "--data.init_args.train_tokenizer.vocab_size", "300",
+        "--data.init_args.source.heldout_fraction", "0.1", "--data.init_args.progress", "false",
     ]  # fmt: skip
     if (
         "accelerate" in name
@@ -246,7 +254,7 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     assert cli.model.model.config.n_layer == n_layer
     assert cli.model.hparams.vocab_size == 300
     # a step budget, or epochs counted from pre-tokenized data (EpochsFromData)
-    assert cli.trainer.max_steps > 0 or (cli.trainer.max_epochs == 1 and cli.datamodule.hparams.pretokenize)
+    assert cli.trainer.max_steps > 0 or (cli.trainer.max_epochs == 1 and cli.datamodule.packing.pretokenize)
     # the code defaults, once each: exact resume and atomic checkpoint writes
     assert sum(isinstance(c, ExactResume) for c in cli.trainer.callbacks) == 1
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -296,9 +304,9 @@ def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path,
     args = [
         "--data.init_args.tokenizer",
         str(tmp_path / "tok"),
-        "--data.init_args.pretokenize",
+        "--data.init_args.packing.pretokenize",
         "true",
-        "--data.init_args.packing",
+        "--data.init_args.packing.mode",
         "overflow",
         "--trainer.limit_val_batches",
         "0",
@@ -321,7 +329,7 @@ def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path,
             *args,
             "--model.init_args.activation_checkpointing",
             "true",
-            "--data.init_args.packing",
+            "--data.init_args.packing.mode",
             "concat",
             "--trainer.max_steps",
             "2",

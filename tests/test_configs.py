@@ -18,9 +18,9 @@ def test_config_parses_and_instantiates(name, tiny_bert, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model_dir, corpus = tiny_bert
     local = ["--model.init_args.pretrained", str(model_dir), "--data.init_args.tokenizer", str(model_dir),
-             "--data.init_args.train_source", str(corpus), "--data.init_args.progress", "false"]  # fmt: skip
+             "--data.init_args.source.train_source", str(corpus), "--data.init_args.progress", "false"]  # fmt: skip
     if name.startswith("mlm/"):
-        local += ["--data.init_args.chunk_size", "32"]  # the tiny model's maximum is 64
+        local += ["--data.init_args.chunking.chunk_size", "32"]  # the tiny model's maximum is 64
     cli = RecipeCLI(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
                     run=False, args=expand_configs(["--config", str(REPO / "configs" / name), *local]))  # fmt: skip
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
@@ -65,13 +65,28 @@ def test_several_configs_and_a_variant_of_a_variant(tmp_path, capsys):
     extra.write_text(f"extends: {OFFLINE_CLM}\ntrainer:\n  max_steps: 12\n")
     resolved = print_config(["-c", OFFLINE_CLM, "--config", str(extra)], capsys)
     assert resolved["trainer"]["max_steps"] == 12
-    assert resolved["data"]["init_args"]["train_source"] == "python-install"  # offline.yaml
+    assert resolved["data"]["init_args"]["source"]["train_source"] == "python-install"  # offline.yaml
     assert resolved["model"]["init_args"]["optimizer"]["lr_schedule"] == "cosine"  # codeparrot-ds.yaml
     big = print_config(["-c", str(REPO / "configs" / "clm" / "codeparrot.yaml")], capsys)
     assert big["model"]["init_args"]["config"]["n_layer"] == 48  # codeparrot.yaml
-    assert big["data"]["init_args"]["seq_len"] == 1024  # codeparrot-small.yaml
-    assert big["data"]["init_args"]["val_split"] == "validation"  # codeparrot-small.yaml
+    assert big["data"]["init_args"]["packing"]["seq_len"] == 1024  # codeparrot-small.yaml
+    assert big["data"]["init_args"]["source"]["val_split"] == "validation"  # codeparrot-small.yaml
+    # a variant's group keeps the keys it does not state: batch sizes from codeparrot.yaml, workers from -ds
+    assert big["data"]["init_args"]["loader"] == {"batch_size": 2, "val_batch_size": 2, "num_workers": 4,
+                                                  "shuffle_seed": 0}  # fmt: skip
     assert big["trainer"]["precision"] == "bf16-mixed"  # codeparrot-small.yaml over codeparrot-ds.yaml
+
+
+def test_data_groups_are_nested_options_and_take_null_on_the_command_line(capsys):
+    """``--data.init_args.<group>.<field>``: the other fields of the group keep the config's values, and a null
+    reaches the DataModule as None (jsonargparse alone reads it as the string 'None' or refuses it)."""
+    ds = str(REPO / "configs" / "clm" / "codeparrot-ds.yaml")
+    data = print_config(["-c", ds, "--data.init_args.source.val_source", "null",
+                         "--data.init_args.loader.val_batch_size=null", "--data.init_args.loader.batch_size", "4",
+                         "--data.init_args.source.val_max_docs", "~"], capsys)["data"]["init_args"]  # fmt: skip
+    assert data["source"]["val_source"] is None and data["source"]["val_split"] == "validation"
+    assert data["loader"] == {"batch_size": 4, "val_batch_size": None, "num_workers": 4, "shuffle_seed": 0}
+    assert data["source"]["val_max_docs"] is None and data["packing"]["mode"] == "overflow"
 
 
 def test_a_config_that_extends_itself_is_named(tmp_path):
@@ -95,5 +110,5 @@ def test_the_readme_wandb_logger_snippet_instantiates(tiny_bert, tmp_path, monke
                     run=False, args=expand_configs([
                         "-c", str(REPO / "configs/classification/offline.yaml"), "-c", str(tmp_path / "wandb.yaml"),
                         "--model.init_args.pretrained", str(model_dir), "--data.init_args.tokenizer", str(model_dir),
-                        "--data.init_args.train_source", str(corpus), "--data.init_args.progress", "false"]))  # fmt: skip
+                        "--data.init_args.source.train_source", str(corpus), "--data.init_args.progress", "false"]))  # fmt: skip
     assert any(isinstance(lg, WandbLogger) for lg in cli.trainer.loggers)

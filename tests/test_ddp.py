@@ -14,7 +14,7 @@ DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.acceler
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ddp_sigterm_on_one_rank_sigkill_and_corrupt_last_resume_exactly(code_tree, tmp_path, num_workers):
-    workers = ["--data.init_args.num_workers", str(num_workers)]
+    workers = ["--data.init_args.loader.num_workers", str(num_workers)]
     straight = stop_resume_chain(code_tree, tmp_path, *DDP, *workers, sigterm_rank=1)
     saved = torch.load(straight / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
     ranks = saved["CodeDataModule"]

@@ -25,6 +25,9 @@ def config_values(path: Path) -> dict[str, object]:
     for key in HUB_KEYS:
         section, _, name = key.partition(".init_args.")
         args = (raw.get(section) or {}).get("init_args") or {}
+        *groups, name = name.split(".")  # data.init_args.source.train_source: a key of the source group
+        for group in groups:
+            args = args.get(group) or {}
         if name and name in args:
             values[key] = args[name]
     return values
@@ -58,7 +61,7 @@ def test_every_hub_id_passes_the_hub_validation_and_has_a_namespace(path):
 @pytest.mark.parametrize("value", ["imdb", "glue", "gpt2", "bert-base-uncased", "a--b/c", "x/y/z.git"])
 def test_ids_that_datasets_5_or_huggingface_hub_reject_are_refused(value):
     with pytest.raises(ValueError, match="namespace|not a valid Hub id"):
-        check_hub_id(value, key="data.init_args.train_source")
+        check_hub_id(value, key="data.init_args.source.train_source")
 
 
 def test_the_hub_configs_are_the_ones_expected():

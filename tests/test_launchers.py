@@ -56,7 +56,7 @@ def test_lightning_launcher_and_torchrun_train_identically(code_tree, tmp_path):
         "--trainer.devices", "2",  # must equal torchrun's --nproc-per-node (else: N independent 1-process runs)
         "--trainer.accelerator", "cpu",
         "--data.init_args.tokenizer", str(tmp_path / "tok"),  # trained by the first run only
-        "--data.init_args.num_workers", "1",
+        "--data.init_args.loader.num_workers", "1",
         "--trainer.val_check_interval", "100",
         "--trainer.limit_val_batches", "0",
         "--trainer.callbacks+=test_launchers.LauncherProbe",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmrecipes.cli import main
+from lmrecipes.data.groups import grouped
 from lmrecipes.data.packing import chunk_with_word_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +27,9 @@ def mlm_args(tiny_bert, *extra: str) -> list[str]:
     return [
         "--config", OFFLINE,
         "--model.init_args.pretrained", str(model_dir), "--data.init_args.tokenizer", str(model_dir),
-        "--data.init_args.train_source", str(corpus), "--data.init_args.heldout_fraction", "0.3",
-        "--data.init_args.chunk_size", "32", "--data.init_args.batch_size", "8", "--data.init_args.eval_size", "40",
-        "--data.init_args.max_docs", "null", "--data.init_args.progress", "false",
+        "--data.init_args.source.train_source", str(corpus), "--data.init_args.source.heldout_fraction", "0.3",
+        "--data.init_args.chunking.chunk_size", "32", "--data.init_args.loader.batch_size", "8", "--data.init_args.chunking.eval_size", "40",
+        "--data.init_args.source.max_docs", "null", "--data.init_args.progress", "false",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--model.init_args.optimizer.lr", "5e-3", "--model.init_args.optimizer.warmup_steps", "0",
         *extra,
@@ -84,10 +85,10 @@ def test_validate_is_reproducible_and_fit_lowers_perplexity(tiny_bert, tmp_path,
 
 def test_whole_word_variant_and_bad_chunk_size(tiny_bert, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    ppl = validate_ppl(mlm_args(tiny_bert, "--data.init_args.whole_word_mask", "true"), capsys)
+    ppl = validate_ppl(mlm_args(tiny_bert, "--data.init_args.masking.whole_word_mask", "true"), capsys)
     assert ppl > 1
     with pytest.raises(ValueError, match="chunk_size=128 exceeds"):
-        main(["validate", *mlm_args(tiny_bert, "--data.init_args.chunk_size", "128")])
+        main(["validate", *mlm_args(tiny_bert, "--data.init_args.chunking.chunk_size", "128")])
 
 
 @pytest.mark.slow
@@ -123,7 +124,7 @@ def test_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(
     every rank's RNG states are in the checkpoint) as one uninterrupted fit. Accumulating 2 batches, an epoch is
     3 steps (the last on one batch): stopping after step 3 stops at the epoch's end, where Lightning resumes with a
     stale batch count unless the module resets it."""
-    args = mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+    args = mlm_args(tiny_bert, "--data.init_args.chunking.train_size", "37", "--trainer.limit_val_batches", "0",
                     "--model.init_args.optimizer.lr_schedule", "constant",
                     "--trainer.accumulate_grad_batches", str(accumulate))  # fmt: skip
     runs = {}
@@ -152,7 +153,7 @@ def test_fit_resumed_from_a_checkpoint_on_an_epochs_last_batch(tiny_bert, tmp_pa
             },
         }
     ]
-    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.chunking.train_size", "37", "--trainer.limit_val_batches", "0",
                               "--model.init_args.optimizer.lr_schedule", "constant", "--trainer.accumulate_grad_batches", "2",
                               "--trainer.callbacks", json.dumps(callbacks))]  # fmt: skip
     main(args)
@@ -172,7 +173,7 @@ def test_two_process_fit_resumed_mid_epoch_logs_the_uninterrupted_losses(tiny_be
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": "runs/mlm-offline/checkpoints", "every_n_train_steps": 1,
                                 "save_top_k": -1, "filename": "{step}"}}]  # fmt: skip
-    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.train_size", "37", "--trainer.limit_val_batches", "0",
+    args = ["fit", *mlm_args(tiny_bert, "--data.init_args.chunking.train_size", "37", "--trainer.limit_val_batches", "0",
                               "--trainer.max_steps", "8", "--trainer.callbacks", json.dumps(callbacks)),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--quiet"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -205,10 +206,16 @@ def test_documents_are_chunked_whole_even_when_the_tokenizer_truncates(tiny_bert
     tok.backend_tokenizer.enable_truncation(16)
     tok.save_pretrained(truncating)
     kwargs = {"train_source": str(corpus), "chunk_size": 32, "heldout_fraction": 0.3, "progress": False}
-    plain = MaskedTextDataModule(tokenizer=str(model_dir), **kwargs)._chunks("train", None)[0]
-    cut = MaskedTextDataModule(tokenizer=str(truncating), **kwargs)._chunks("train", None)[0]
+    plain = MaskedTextDataModule(**grouped(MaskedTextDataModule, tokenizer=str(model_dir), **kwargs))._chunks(
+        "train", None
+    )[0]
+    cut = MaskedTextDataModule(**grouped(MaskedTextDataModule, tokenizer=str(truncating), **kwargs))._chunks(
+        "train", None
+    )[0]
     assert torch.equal(plain, cut)
-    texts = MaskedTextDataModule(tokenizer=str(model_dir), **kwargs)._documents("train")
+    texts = MaskedTextDataModule(
+        **grouped(MaskedTextDataModule, tokenizer=str(model_dir), **kwargs)
+    )._documents("train")
     total = sum(len(tok(t, truncation=False)["input_ids"]) for t in texts)  # [CLS] doc [SEP] each
     assert len(plain) == total // 32
 
@@ -220,7 +227,14 @@ def test_tokenizer_without_mask_token_is_refused(tmp_path):
     texts = [inspect.getdoc(f) or "" for f in (json.dumps, json.loads, os.path.join, re.sub)] * 20
     train_bpe_tokenizer(texts, vocab_size=300, progress=False).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ValueError, match="has no mask token"):
-        MaskedTextDataModule(tokenizer=str(tmp_path / "bpe"), train_source=str(tmp_path), progress=False)
+        MaskedTextDataModule(
+            **grouped(
+                MaskedTextDataModule,
+                tokenizer=str(tmp_path / "bpe"),
+                train_source=str(tmp_path),
+                progress=False,
+            )
+        )
 
 
 def test_masked_only_head_gives_the_full_logits_loss(tiny_bert):

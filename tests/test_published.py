@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from lmrecipes.cli import main
+from lmrecipes.data.groups import grouped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,8 @@ def test_course_chunk_downsampling_is_datasets_train_test_split(tiny_bert):
     from lmrecipes.data.mlm import MaskedTextDataModule
 
     model_dir, corpus = tiny_bert
-    dm = MaskedTextDataModule(tokenizer=str(model_dir), train_source=str(corpus), heldout="chunks", chunk_size=32,
-                              train_size=40, eval_size=12, downsample_seed=42, progress=False)  # fmt: skip
+    dm = MaskedTextDataModule(**grouped(MaskedTextDataModule, tokenizer=str(model_dir), train_source=str(corpus), heldout="chunks", chunk_size=32,
+                              train_size=40, eval_size=12, downsample_seed=42, progress=False))  # fmt: skip
     val_ids, _ = dm._chunks("val", 12)
     train_ids, _ = dm._chunks("train", 40)
     pool = torch.from_numpy(dm._pool[0])  # every chunk of every document, in order
@@ -33,10 +34,18 @@ def test_course_chunk_downsampling_is_datasets_train_test_split(tiny_bert):
     split = rows.train_test_split(train_size=40, test_size=12, seed=42)
     assert torch.equal(val_ids, pool[split["test"]["row"]])
     assert torch.equal(train_ids, pool[split["train"]["row"]])
-    with pytest.raises(ValueError, match="needs train_size and eval_size"):
-        MaskedTextDataModule(tokenizer=str(model_dir), train_source=str(corpus), heldout="chunks")
-    with pytest.raises(ValueError, match=r"data.heldout='reviews' is not one of"):
-        MaskedTextDataModule(tokenizer=str(model_dir), train_source=str(corpus), heldout="reviews")
+    with pytest.raises(ValueError, match="needs chunking.train_size and chunking.eval_size"):
+        MaskedTextDataModule(
+            **grouped(
+                MaskedTextDataModule, tokenizer=str(model_dir), train_source=str(corpus), heldout="chunks"
+            )
+        )
+    with pytest.raises(ValueError, match=r"data.chunking.heldout='reviews' is not one of"):
+        MaskedTextDataModule(
+            **grouped(
+                MaskedTextDataModule, tokenizer=str(model_dir), train_source=str(corpus), heldout="reviews"
+            )
+        )
 
 
 def test_glue_style_unlabelled_test_split_is_refused_and_predict_reads_validation(tiny_bert, tmp_path):
@@ -48,11 +57,11 @@ def test_glue_style_unlabelled_test_split_is_refused_and_predict_reads_validatio
         (tmp_path / f"{name}.jsonl").write_text(
             "".join(json.dumps({**r, "label": r["label"] if labelled else -1}) + "\n" for r in rows)
         )
-    data = ClassificationDataModule(
+    data = ClassificationDataModule(**grouped(ClassificationDataModule,
         tokenizer=str(model_dir), train_source=str(tmp_path / "train.jsonl"),
         val_source=str(tmp_path / "validation.jsonl"), test_source=str(tmp_path / "test.jsonl"),
         text_column="content", text_pair_column="pair", label_names=["no", "yes"], progress=False,
-    )  # fmt: skip
+    ))  # fmt: skip
     with pytest.raises(ValueError, match=r"the test split .* has no labels .*GLUE's test splits.*private"):
         data.setup("test")
     data.setup("predict")  # predicting an unlabelled split is what it is for
@@ -81,10 +90,10 @@ def test_one_epoch_is_counted_from_the_pretokenized_data(code_tree, tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     main(fit_args(code_tree, tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
-                  "--trainer.accumulate_grad_batches", "4", "--data.init_args.pretokenize", "true",
-                  "--data.init_args.packing", "overflow", "--data.init_args.seq_len", "64",
-                  "--data.init_args.batch_size", "16", "--trainer.limit_val_batches", "0",
-                  "--data.init_args.train_tokenizer_vocab", "300"))  # fmt: skip
+                  "--trainer.accumulate_grad_batches", "4", "--data.init_args.packing.pretokenize", "true",
+                  "--data.init_args.packing.mode", "overflow", "--data.init_args.packing.seq_len", "64",
+                  "--data.init_args.loader.batch_size", "16", "--trainer.limit_val_batches", "0",
+                  "--data.init_args.train_tokenizer.vocab_size", "300"))  # fmt: skip
     (folder,) = (tmp_path / ".cache/lmrecipes").glob("*/")
     _, lengths, _ = load_token_file(folder)
     windows = len(window_starts(lengths, seq_len=64, mode="overflow"))

@@ -135,7 +135,9 @@ def stop_resume_chain(
 @pytest.mark.slow
 def test_sigterm_sigkill_and_corrupt_last_resume_exactly_one_process_two_workers(code_tree, tmp_path):
     # SIGTERM to the whole process group, DataLoader workers included (as SLURM does): the workers ignore it.
-    stop_resume_chain(code_tree, tmp_path, "--data.init_args.num_workers", "2", sigterm_rank=0, group=True)
+    stop_resume_chain(
+        code_tree, tmp_path, "--data.init_args.loader.num_workers", "2", sigterm_rank=0, group=True
+    )
 
 
 @pytest.mark.slow

@@ -122,7 +122,7 @@ def test_the_cli_builds_the_run_folder_from_one_name(callbacks, tiny_bert, tmp_p
     model_dir, corpus = tiny_bert
     args = ["--config", str(REPO / "configs/classification/offline.yaml"), "--trainer.default_root_dir", "runs/mine",
             "--model.init_args.pretrained", str(model_dir), "--data.init_args.tokenizer", str(model_dir),
-            "--data.init_args.train_source", str(corpus), "--data.init_args.progress", "false"]  # fmt: skip
+            "--data.init_args.source.train_source", str(corpus), "--data.init_args.progress", "false"]  # fmt: skip
     args += ["--trainer.callbacks", callbacks] if callbacks else []
     cli = RecipeCLI(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
                     run=False, args=expand_configs(args))  # fmt: skip

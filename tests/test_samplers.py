@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lmrecipes.data.groups import grouped
 from lmrecipes.data.samplers import Draw, ExactlyOnceSampler, TrainPosition, epoch_order, rank_draws
 
 
@@ -197,8 +198,8 @@ def test_mlm_padding_rows_get_no_labels_and_the_position_is_counted(tiny_bert):
     from lmrecipes.data.mlm import MaskedTextDataModule
 
     model_dir, corpus = tiny_bert
-    dm = MaskedTextDataModule(tokenizer=str(model_dir), train_source=str(corpus), chunk_size=32, heldout_fraction=0.3,
-                              train_size=37, eval_size=8, batch_size=4, progress=False)  # fmt: skip
+    dm = MaskedTextDataModule(**grouped(MaskedTextDataModule, tokenizer=str(model_dir), train_source=str(corpus), chunk_size=32, heldout_fraction=0.3,
+                              train_size=37, eval_size=8, batch_size=4, progress=False))  # fmt: skip
     dm.trainer = SimpleNamespace(training=True, global_rank=1, world_size=3, current_epoch=0)  # rank 1 of 3
     dm.setup("fit")
     masked = [(b["keep"], dm.on_after_batch_transfer(b, 0)["labels"]) for b in dm.train_dataloader()]
@@ -229,8 +230,8 @@ def test_classification_padding_rows_are_ignored_even_in_a_batch_of_nothing_else
     rows.write_text(
         "".join(json.dumps({"text": f"row {i} " * (1 + i % 5), "label": i % 2}) + "\n" for i in range(37))
     )
-    dm = ClassificationDataModule(tokenizer=str(model_dir), train_source=str(rows), val_source=str(rows),
-                                  text_column="text", text_pair_column=None, batch_size=4, progress=False)  # fmt: skip
+    dm = ClassificationDataModule(**grouped(ClassificationDataModule, tokenizer=str(model_dir), train_source=str(rows), val_source=str(rows),
+                                  text_column="text", text_pair_column=None, batch_size=4, progress=False))  # fmt: skip
     dm.trainer = SimpleNamespace(
         training=True, global_rank=2, world_size=3, current_epoch=0, precision="32-true"
     )

@@ -56,7 +56,9 @@ class RecipeCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        from lmrecipes.data.groups import nulls_as_configs
+
+        super().parse_arguments(parser, nulls_as_configs(args) if isinstance(args, list) else args)
         from lmrecipes.portable import check_ckpt_path
 
         subcommand = self.config.get("subcommand")
@@ -129,7 +131,7 @@ def check_hub_values(config) -> None:
     from lmrecipes.hub import HUB_KEYS, require_hub
 
     values = {key: config.get(key) for key in HUB_KEYS}
-    if config.get("data.init_args.train_tokenizer_vocab"):
+    if config.get("data.init_args.train_tokenizer.vocab_size"):
         values.pop("data.init_args.tokenizer")  # a folder the run writes, not one it reads
     require_hub(values)
 

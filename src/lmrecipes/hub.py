@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 HUB_KEYS = {
     "model.init_args.pretrained": "model",
     "data.init_args.tokenizer": "model",
-    "data.init_args.train_source": "dataset",
-    "data.init_args.val_source": "dataset",
-    "data.init_args.test_source": "dataset",
-    "data.init_args.predict_source": "dataset",
+    "data.init_args.source.train_source": "dataset",
+    "data.init_args.source.val_source": "dataset",
+    "data.init_args.source.test_source": "dataset",
+    "data.init_args.source.predict_source": "dataset",
     "source": "dataset",  # lmrecipes tokenizer --source / --base
     "base": "model",
 }

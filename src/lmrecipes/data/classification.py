@@ -10,6 +10,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lmrecipes.data.groups import Columns, LabelledSource, LoaderConfig, PaddingConfig, plain
 from lmrecipes.data.samplers import Draw, ShardSampler, TrainPosition, fingerprint
 from lmrecipes.data.sources import open_source
 from lmrecipes.data.stream import loader_options
@@ -17,6 +18,8 @@ from lmrecipes.losses import IGNORE_INDEX
 from lmrecipes.paths import resolve_pretrained
 
 SPLITS = ("train", "validation", "test", "predict")
+# default groups (frozen, so one instance serves every call)
+COLUMNS, PADDING, LOADER = Columns(), PaddingConfig(), LoaderConfig(batch_size=8)
 
 
 def _local_files(spec: str) -> bool:
@@ -54,73 +57,35 @@ class ClassificationDataModule(pl.LightningDataModule):
         self,
         *,
         tokenizer: str,
-        train_source: str,
-        val_source: str | None = None,
-        test_source: str | None = None,
-        predict_source: str | None = None,
-        dataset_config: str | None = None,
-        train_split: str = "train",
-        val_split: str = "validation",
-        test_split: str = "test",
-        predict_split: str = "test",
-        text_column: str = "sentence1",
-        text_pair_column: str | None = "sentence2",
-        label_column: str = "label",
-        id_column: str | None = None,
+        source: LabelledSource,
+        columns: Columns = COLUMNS,
         label_names: list[str] | None = None,
-        max_length: int = 128,
-        pad_to_max_length: bool = False,
-        pad_to_multiple_of: int | None = None,
-        group_by_length: bool = False,
-        shuffle_seed: int | None = None,
-        max_examples: int | None = None,
-        batch_size: int = 8,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        streaming: bool = False,
-        on_error: str = "error",
+        padding: PaddingConfig = PADDING,
+        loader: LoaderConfig = LOADER,
         progress: bool = True,
     ):
         """
         Args:
             tokenizer: tokenizer folder, Hub id or ``package://module/folder`` (the model's).
-            train_source: Hub dataset id (``nyu-mll/glue`` with ``dataset_config: mrpc``), local files, or
-                ``python-function-pairs`` (docstring/function pairs from this interpreter's Python files).
-            val_source: validation source (default: ``train_source`` with ``val_split``).
-            test_source: test source (default: ``train_source`` with ``test_split``).
-            predict_source: rows to predict (default: the test source).
-            dataset_config: Hub dataset configuration (``mrpc``).
-            train_split: split names, per source.
-            val_split: validation split name.
-            test_split: test split name.
-            predict_split: predict split name.
-            text_column: first text column.
-            text_pair_column: second text column for pair tasks; None for single sentences.
-            label_column: integer or string labels.
-            id_column: column copied into predictions as ``id`` (default: the row number).
+            source: each split's source and split name.
+            columns: the text, text pair, label and id columns.
             label_names: class names in id order; default: ``["0", "1", ...]`` for integer labels or the sorted
                 distinct strings of the training labels.
-            max_length: truncate (pairs: longest first) to this many tokens.
-            pad_to_max_length: pad every batch to ``max_length`` (static shapes for TPUs / compilation).
-            pad_to_multiple_of: pad dynamic batches to a multiple of this; None: 8 under 16-bit mixed precision
-                (tensor cores), else no rounding; 1 turns rounding off.
-            group_by_length: batch examples of similar length together (less padding, faster; still shuffled).
-            shuffle_seed: seed of the training order (epoch e's order depends on it and e only); None: the run's
-                ``seed_everything`` value.
-            max_examples: read at most this many rows per split.
-            batch_size: examples per batch per device (the course: 8).
-            val_batch_size: evaluation batch size (default ``batch_size``).
-            num_workers: DataLoader workers.
-            streaming: stream Hub datasets.
-            on_error: ``error`` or ``skip`` bad records.
+            padding: truncation, padding and length grouping.
+            loader: batch sizes (the course: 8), DataLoader workers and the training order's seed.
             progress: progress bars.
         """
         super().__init__()
+        self.source, self.columns = LabelledSource.of(source), Columns.of(columns)
+        self.padding, self.loader = PaddingConfig.of(padding), LoaderConfig.of(loader)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the groups as dicts
+        source, columns, padding, loader = map(plain, (self.source, self.columns, self.padding, self.loader))
         # label_names lives in the model's hparams (linked, resolved); loggers refuse a key the two hold differently.
         self.save_hyperparameters(ignore=["label_names"])
-        if text_pair_column is not None and text_pair_column == text_column:
+        pair = self.columns.text_pair_column
+        if pair is not None and pair == self.columns.text_column:
             raise ValueError(
-                f"data.text_pair_column={text_pair_column!r} is the same column as data.text_column"
+                f"data.columns.text_pair_column={pair!r} is the same column as data.columns.text_column"
             )
         from transformers import AutoTokenizer
 
@@ -146,7 +111,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         return len(self.label_names)
 
     def _source_args(self, split: str) -> tuple[str, str]:
-        h = self.hparams
+        h = self.source
         sources = {"train": h.train_source, "validation": h.val_source, "test": h.test_source,
                    "predict": h.predict_source or h.test_source}  # fmt: skip
         splits = {"train": h.train_split, "validation": h.val_split, "test": h.test_split,
@@ -157,22 +122,23 @@ class ClassificationDataModule(pl.LightningDataModule):
         # Local files have no splits: a split without its own source would silently be the training rows.
         if split != "train" and sources[split] is None:
             key = {"validation": "val_source", "test": "test_source", "predict": "predict_source"}[split]
-            raise ValueError(f"data.{key} is not set and data.train_source={spec!r} is local files, which hold "
-                             f"no {splits[split]!r} split; set data.{key}")  # fmt: skip
+            raise ValueError(f"data.source.{key} is not set and data.source.train_source={spec!r} is local "
+                             f"files, which hold no {splits[split]!r} split; set data.source.{key}")  # fmt: skip
         return spec, "train"  # the csv/json/parquet builders name a file's only split "train"
 
     def _read(self, split: str) -> list[dict]:
         """Raw rows of a split (cached), with the text, pair and label columns checked."""
         if split in self._rows:
             return self._rows[split]
-        h = self.hparams
+        h, pair = self.source, self.columns.text_pair_column
         spec, name = self._source_args(split)
-        source = open_source(spec, text_column=h.text_column, split=name, streaming=h.streaming,
-                             config_name=h.dataset_config, on_error=h.on_error, progress=h.progress)  # fmt: skip
+        source = open_source(spec, text_column=self.columns.text_column, split=name, streaming=h.streaming,
+                             config_name=h.dataset_config, on_error=h.on_error,
+                             progress=self.hparams.progress)  # fmt: skip
         rows = []
         for _, doc in source.iter_raw():
-            if h.text_pair_column is not None and h.text_pair_column not in doc:
-                raise ValueError(f"{spec} [{name}] has no column {h.text_pair_column!r} (data.text_pair_column); "
+            if pair is not None and pair not in doc:
+                raise ValueError(f"{spec} [{name}] has no column {pair!r} (data.columns.text_pair_column); "
                                  f"columns: {sorted(doc)}")  # fmt: skip
             rows.append(doc)
             if h.max_examples is not None and len(rows) >= h.max_examples:
@@ -183,9 +149,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         return rows
 
     def _infer_label_names(self, rows: list[dict]) -> list[str]:
-        labels = [r.get(self.hparams.label_column) for r in rows]
+        labels = [r.get(self.columns.label_column) for r in rows]
         if any(v is None for v in labels):
-            raise ValueError(f"training rows lack the label column {self.hparams.label_column!r}")
+            raise ValueError(f"training rows lack the label column {self.columns.label_column!r}")
         if all(isinstance(v, int) for v in labels):
             return [str(i) for i in range(max(labels) + 1)]
         return sorted({str(v) for v in labels})
@@ -206,11 +172,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         return names.index(str(value))
 
     def _tokenize(self, split: str) -> Examples:
-        h = self.hparams
+        h = self.columns
         rows = self._read(split)
         pairs = [r[h.text_pair_column] for r in rows] if h.text_pair_column else None
         encoded = self.tokenizer(
-            [r["content"] for r in rows], pairs, truncation=True, max_length=h.max_length
+            [r["content"] for r in rows], pairs, truncation=True, max_length=self.padding.max_length
         )
         features = []
         for i, row in enumerate(rows):
@@ -245,15 +211,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Dynamic padding (to the batch's longest, or a multiple of ``pad_to_multiple_of``), or fixed length."""
         from transformers import DataCollatorWithPadding
 
-        h = self.hparams
+        h = self.padding
         padding = "max_length" if h.pad_to_max_length else "longest"
         collator = DataCollatorWithPadding(self.tokenizer, padding=padding, max_length=h.max_length,
                                            pad_to_multiple_of=self._multiple())  # fmt: skip
         return collator(features)
 
     def _multiple(self) -> int | None:
-        if self.hparams.pad_to_multiple_of is not None:
-            return self.hparams.pad_to_multiple_of if self.hparams.pad_to_multiple_of > 1 else None
+        multiple = self.padding.pad_to_multiple_of
+        if multiple is not None:
+            return multiple if multiple > 1 else None
         precision = str(self.trainer.precision) if self.trainer is not None else ""
         return 8 if "16" in precision else None
 
@@ -261,15 +228,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         data = self._data[split]
-        return DataLoader(data, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+        return DataLoader(data, batch_size=self.loader.val_batch_size or self.loader.batch_size,
                           sampler=ShardSampler(data, rank=rank, world_size=world), collate_fn=self.collate,
-                          **loader_options(self.hparams.num_workers, persistent=False))  # fmt: skip
+                          **loader_options(self.loader.num_workers, persistent=False))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         """Every training row once per epoch over all ranks, equal batch counts per rank, resumable mid-epoch."""
-        h = self.hparams
+        h = self.loader
         data = self._data["train"]
-        lengths = [len(f["input_ids"]) for f in data.features] if h.group_by_length else None
+        lengths = [len(f["input_ids"]) for f in data.features] if self.padding.group_by_length else None
         sampler = self._position.sampler(data, trainer=self.trainer, batch_size=h.batch_size,
                                          seed=h.shuffle_seed, signature={"data": data.fingerprint()},
                                          lengths=lengths)  # fmt: skip
@@ -300,5 +267,5 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def prediction_ids(self) -> list:
         """The id of each predict row (``id_column`` or the row number), in row order."""
-        column = self.hparams.id_column
+        column = self.columns.id_column
         return [r.get(column, i) if column else i for i, r in enumerate(self._read("predict"))]

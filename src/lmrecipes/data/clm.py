@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +15,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from lmrecipes.data.filters import FilterPipeline
-from lmrecipes.data.packing import check_mode, iter_windows
+from lmrecipes.data.groups import (
+    CodeFilters,
+    CodeSource,
+    LoaderConfig,
+    PackingConfig,
+    TokenizerTraining,
+    plain,
+)
+from lmrecipes.data.packing import PACKING_MODES, iter_windows
 from lmrecipes.data.pretokenize import (
     ensure_token_file,
     load_token_file,
@@ -35,6 +44,9 @@ from lmrecipes.data.stream import (
 from lmrecipes.ranks import gather_from_ranks
 
 REPORT_DOCS = 20  # documents held out to measure the tokenizer trained at first use (tokenizer_report.json)
+# default groups (frozen, so one instance serves every call)
+SOURCE, FILTERS, PACKING, TRAIN_TOKENIZER = CodeSource(), CodeFilters(), PackingConfig(), TokenizerTraining()
+LOADER = LoaderConfig(batch_size=32, shuffle_seed=0)
 
 
 class BatchList(IterableDataset):
@@ -57,71 +69,43 @@ class CodeDataModule(pl.LightningDataModule):
         self,
         *,
         tokenizer: str,
-        train_source: str = "python-install",
-        val_source: str | None = None,
-        text_column: str = "content",
-        train_split: str = "train",
-        val_split: str = "train",
-        streaming: bool = True,
-        pattern: str = "*.py",
-        keywords: list[str] | None = None,
-        quality_filter: bool = False,
-        dedup: bool = False,
-        on_error: str = "error",
-        seq_len: int = 128,
-        packing: str = "concat",
-        pretokenize: bool = False,
-        cache_dir: str = ".cache/lmrecipes",
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        heldout_fraction: float = 0.02,
-        val_max_docs: int | None = 1000,
-        shuffle_seed: int = 0,
-        train_tokenizer_vocab: int | None = None,
-        train_tokenizer_max_chars: int = 20_000_000,
+        source: CodeSource = SOURCE,
+        filters: CodeFilters = FILTERS,
+        packing: PackingConfig = PACKING,
+        loader: LoaderConfig = LOADER,
+        train_tokenizer: TokenizerTraining = TRAIN_TOKENIZER,
         progress: bool = True,
     ):
         """
         Args:
             tokenizer: tokenizer folder or Hub id; a folder that does not exist yet is trained first when
-                ``train_tokenizer_vocab`` is set (on the training source, after the filters).
-            train_source: ``python-install`` (this interpreter's stdlib + site-packages), a directory of source
-                files, local files (jsonl/json/csv/parquet/txt, globs, comma-separated) or a Hub dataset id.
-            val_source: validation source; None holds out ``heldout_fraction`` of ``train_source`` by path hash.
-            text_column: column that holds the document text.
-            train_split: split of ``train_source`` (datasets sources).
-            val_split: split of ``val_source``.
-            streaming: stream datasets sources instead of downloading/materialising them.
-            pattern: file glob for directory sources.
-            keywords: keep only documents containing one of these strings (the course's filter); None keeps all.
-            quality_filter: apply the book's line-length / alphanumeric / auto-generated heuristics.
-            dedup: drop exact duplicates (whitespace-insensitive), globally across ranks and workers.
-            on_error: ``error`` stops at a bad record (naming file and line); ``skip`` drops and counts it.
-            seq_len: tokens per training sequence.
-            packing: ``concat`` (EOS-joined stream cut in windows) or ``overflow`` (full chunks per document).
-            pretokenize: tokenize once into a memory-mapped cache under ``cache_dir`` instead of streaming.
-            cache_dir: where pre-tokenized caches live (shared by later runs with the same inputs).
-            batch_size: sequences per batch per device.
-            val_batch_size: validation batch size (default ``batch_size``).
-            num_workers: DataLoader worker processes; streaming tokenization runs inside them.
-            heldout_fraction: share of documents held out for validation when ``val_source`` is None.
-            val_max_docs: validation documents read at most (per run, before packing); None reads them all.
-            shuffle_seed: seed of the per-epoch window order in pre-tokenized mode.
-            train_tokenizer_vocab: vocabulary size of a tokenizer trained when ``tokenizer`` is missing.
-            train_tokenizer_max_chars: characters of training text read for tokenizer training.
+                ``train_tokenizer.vocab_size`` is set (on the training source, after the filters).
+            source: the documents, and which of them are held out for validation.
+            filters: which documents are kept.
+            packing: sequence length, packing mode, and streamed or pre-tokenized.
+            loader: batch sizes, DataLoader workers (streaming tokenization runs inside them) and the seed of the
+                per-epoch window order in pre-tokenized mode.
+            train_tokenizer: the tokenizer trained when ``tokenizer`` is missing.
             progress: show progress bars for corpus reading, tokenizer training and tokenization.
         """
         super().__init__()
+        self.source, self.filters = CodeSource.of(source), CodeFilters.of(filters)
+        self.packing, self.loader = PackingConfig.of(packing), LoaderConfig.of(loader)
+        self.train_tokenizer = TokenizerTraining.of(train_tokenizer)
+        # checkpoints' hyper-parameters hold plain types only (weights_only loading): the groups as dicts
+        source, filters, packing = plain(self.source), plain(self.filters), plain(self.packing)
+        loader, train_tokenizer = plain(self.loader), plain(self.train_tokenizer)
         self.save_hyperparameters()
-        check_mode(packing)
-        if on_error not in ("error", "skip"):
-            raise ValueError(f"data.on_error={on_error!r} is not one of ('error', 'skip')")
-        if not 0 <= heldout_fraction < 1:
-            raise ValueError(f"data.heldout_fraction={heldout_fraction} must be in [0, 1)")
-        if val_source is None and heldout_fraction == 0:
+        s = self.source
+        if self.packing.mode not in PACKING_MODES:
+            raise ValueError(f"data.packing.mode={self.packing.mode!r} is not one of {PACKING_MODES}")
+        if s.on_error not in ("error", "skip"):
+            raise ValueError(f"data.source.on_error={s.on_error!r} is not one of ('error', 'skip')")
+        if not 0 <= s.heldout_fraction < 1:
+            raise ValueError(f"data.source.heldout_fraction={s.heldout_fraction} must be in [0, 1)")
+        if s.val_source is None and s.heldout_fraction == 0:
             raise ValueError(
-                "set data.val_source or a positive data.heldout_fraction: validation needs documents"
+                "set data.source.val_source or a positive data.source.heldout_fraction: validation needs documents"
             )
         self.tokenizer_path = self._ensure_tokenizer()
         self.tokenizer = load_tokenizer(self.tokenizer_path)
@@ -137,7 +121,7 @@ class CodeDataModule(pl.LightningDataModule):
     # values linked into the model by the CLI
     @property
     def seq_len(self) -> int:
-        return self.hparams.seq_len
+        return self.packing.seq_len
 
     @property
     def vocab_size(self) -> int:
@@ -153,7 +137,7 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _ensure_tokenizer(self) -> str:
         """The tokenizer path, training it first (once, under a file lock shared by all ranks) when asked to."""
-        path, vocab = self.hparams.tokenizer, self.hparams.train_tokenizer_vocab
+        path, vocab = self.hparams.tokenizer, self.train_tokenizer.vocab_size
         if vocab is None or Path(path, "tokenizer.json").exists():
             return path
         from lmrecipes.bpe import TooFewDocuments, tokenizer_command
@@ -163,40 +147,40 @@ class CodeDataModule(pl.LightningDataModule):
             if not Path(path, "tokenizer.json").exists():
                 try:
                     tokenizer_command(
-                        source=self.hparams.train_source,
+                        source=self.source.train_source,
                         out=path,
                         vocab_size=vocab,
-                        keywords=self.hparams.keywords,
-                        max_chars=self.hparams.train_tokenizer_max_chars,
+                        keywords=self.filters.keywords,
+                        max_chars=self.train_tokenizer.max_chars,
                         report_docs=REPORT_DOCS,
-                        text_column=self.hparams.text_column,
-                        pattern=self.hparams.pattern,
-                        on_error=self.hparams.on_error,
+                        text_column=self.source.text_column,
+                        pattern=self.source.pattern,
+                        on_error=self.source.on_error,
                         progress=self.hparams.progress,
                     )
                 except TooFewDocuments as err:  # names the data keys, not the tokenizer command's options
                     raise ValueError(
-                        f"data.train_source={self.hparams.train_source!r} gave only {err.kept} documents (after "
-                        "data.keywords and data.train_tokenizer_max_chars), too few to train a tokenizer on (it "
-                        f"needs more than {REPORT_DOCS}; that many are held out to report on): add "
-                        "documents, loosen data.keywords, or give a trained tokenizer in data.tokenizer and leave "
-                        "data.train_tokenizer_vocab unset"
+                        f"data.source.train_source={self.source.train_source!r} gave only {err.kept} documents "
+                        "(after data.filters.keywords and data.train_tokenizer.max_chars), too few to train a "
+                        f"tokenizer on (it needs more than {REPORT_DOCS}; that many are held out to report on): add "
+                        "documents, loosen data.filters.keywords, or give a trained tokenizer in data.tokenizer and "
+                        "leave data.train_tokenizer.vocab_size unset"
                     ) from None
         return path
 
     def _source_factory(self, split: str) -> functools.partial:
         """A picklable ``open_source`` call (workers rebuild the source; no DataModule travels with it)."""
-        h = self.hparams
-        use_val = split != "train" and h.val_source is not None
+        s = self.source
+        use_val = split != "train" and s.val_source is not None
         return functools.partial(
             open_source,
-            h.val_source if use_val else h.train_source,
-            text_column=h.text_column,
-            split=h.val_split if use_val else h.train_split,
-            streaming=h.streaming,
-            pattern=h.pattern,
-            on_error=h.on_error,
-            progress=h.progress,
+            s.val_source if use_val else s.train_source,
+            text_column=s.text_column,
+            split=s.val_split if use_val else s.train_split,
+            streaming=s.streaming,
+            pattern=s.pattern,
+            on_error=s.on_error,
+            progress=self.hparams.progress,
         )
 
     def _source(self, split: str):
@@ -206,11 +190,11 @@ class CodeDataModule(pl.LightningDataModule):
         return self._filter_factory()()
 
     def _filter_factory(self) -> functools.partial:
-        h = self.hparams
-        return functools.partial(FilterPipeline, keywords=h.keywords, quality=h.quality_filter, dedup=h.dedup)
+        f = self.filters
+        return functools.partial(FilterPipeline, keywords=f.keywords, quality=f.quality_filter, dedup=f.dedup)
 
     def _heldout(self) -> float:
-        return self.hparams.heldout_fraction if self.hparams.val_source is None else 0.0
+        return self.source.heldout_fraction if self.source.val_source is None else 0.0
 
     def _train_docs(self):
         """Kept training documents of the whole source (pre-tokenized mode)."""
@@ -228,25 +212,20 @@ class CodeDataModule(pl.LightningDataModule):
         return self._fingerprint
 
     def _cache_key(self) -> dict:
-        h = self.hparams
+        f = self.filters
         return {
             "source": self._source_fingerprint(),
-            "filters": [h.keywords, h.quality_filter, h.dedup],
+            "filters": [f.keywords, f.quality_filter, f.dedup],
             "heldout": self._heldout(),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "packing": h.packing,
+            "packing": self.packing.mode,
         }
 
     def prepare_data(self) -> None:
-        if self.hparams.pretokenize:
-            ensure_token_file(
-                Path(self.hparams.cache_dir),
-                self._cache_key(),
-                self._train_docs,
-                self.tokenizer,
-                mode=self.hparams.packing,
-                progress=self.hparams.progress,
-            )
+        p = self.packing
+        if p.pretokenize:
+            ensure_token_file(Path(p.cache_dir), self._cache_key(), self._train_docs, self.tokenizer, mode=p.mode,
+                              progress=self.hparams.progress)  # fmt: skip
 
     def setup(self, stage: str) -> None:
         if self._val_batches is None:
@@ -254,36 +233,35 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _build_val_batches(self) -> list[dict]:
         """Validation windows of this rank (windows i with i % world_size == rank), batched once."""
-        h = self.hparams
+        s, p, max_docs = self.source, self.packing, self.source.val_max_docs
         filters, heldout = self._filters(), self._heldout()
         docs, source = [], self._source("val")
-        if isinstance(source, SourceTree) and h.val_source is None:  # read only held-out files
+        if isinstance(source, SourceTree) and s.val_source is None:  # read only held-out files
             raw = source.iter_raw(select_path=functools.partial(path_is_heldout, fraction=heldout))
         else:
             raw = source.iter_raw()
-        with tqdm(desc="validation documents", total=h.val_max_docs, disable=not h.progress) as bar:
+        with tqdm(desc="validation documents", total=max_docs, disable=not self.hparams.progress) as bar:
             for _, doc in raw:
-                if (h.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
+                if (s.val_source is not None or is_heldout(doc, heldout)) and filters(doc):
                     docs.append((len(docs), doc))
                     bar.update()
-                    if h.val_max_docs is not None and len(docs) >= h.val_max_docs:
+                    if max_docs is not None and len(docs) >= max_docs:
                         break
         ids = tokenize_groups(docs, self.tokenizer)
-        windows = [
-            w for w, _ in iter_windows(ids, seq_len=h.seq_len, eos_id=self.eos_token_id, mode=h.packing)
-        ]
+        windows = [w for w, _ in iter_windows(ids, seq_len=p.seq_len, eos_id=self.eos_token_id, mode=p.mode)]
         if not windows:
             raise ValueError(
-                f"no validation sequence of {h.seq_len} tokens could be built from {len(docs)} documents "
-                f"({filters.summary()}); check data.val_source/heldout_fraction, the filters, or lower seq_len"
+                f"no validation sequence of {p.seq_len} tokens could be built from {len(docs)} documents "
+                f"({filters.summary()}); check data.source.val_source/heldout_fraction, the filters, or lower "
+                "data.packing.seq_len"
             )
         rank_zero_info(
-            f"validation: {len(windows)} sequences of {h.seq_len} tokens from {len(docs)} documents "
+            f"validation: {len(windows)} sequences of {p.seq_len} tokens from {len(docs)} documents "
             f"({filters.summary()})"
         )
         rank, world = self._rank_world()
         mine = torch.from_numpy(np.stack(windows[rank::world]))  # (N, T)
-        size = h.val_batch_size or h.batch_size
+        size = self.loader.val_batch_size or self.loader.batch_size
         return [{"input_ids": mine[i : i + size]} for i in range(0, len(mine), size)]
 
     def _rank_world(self) -> tuple[int, int]:
@@ -292,27 +270,27 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _token_windows(self) -> tuple[Path, np.ndarray, np.ndarray, dict]:
         """(cache folder, memory-mapped tokens, window starts, stats) of the pre-tokenized training set."""
-        h = self.hparams
-        folder = ensure_token_file(Path(h.cache_dir), self._cache_key(), self._train_docs, self.tokenizer,
-                                   mode=h.packing, progress=h.progress)  # fmt: skip
+        p = self.packing
+        folder = ensure_token_file(Path(p.cache_dir), self._cache_key(), self._train_docs, self.tokenizer,
+                                   mode=p.mode, progress=self.hparams.progress)  # fmt: skip
         tokens, lengths, meta = load_token_file(folder)
-        return folder, tokens, window_starts(lengths, seq_len=h.seq_len, mode=h.packing), meta
+        return folder, tokens, window_starts(lengths, seq_len=p.seq_len, mode=p.mode), meta
 
     def batches_per_epoch(self) -> int | None:
         """Batches per rank that use every training window once (pre-tokenized data); None when streamed, whose
         length nobody knows before reading it all."""
-        if not self.hparams.pretokenize:
+        if not self.packing.pretokenize:
             return None
         _, world = self._rank_world()
-        return len(self._token_windows()[2]) // (self.hparams.batch_size * world)
+        return len(self._token_windows()[2]) // (self.loader.batch_size * world)
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
+        p, batch_size = self.packing, self.loader.batch_size
         rank, world = self._rank_world()
         resume = self._resume_for(rank, world)
-        if h.pretokenize:
+        if p.pretokenize:
             folder, tokens, starts, meta = self._token_windows()
-            packed = len(starts) * h.seq_len / max(1, len(tokens))
+            packed = len(starts) * p.seq_len / max(1, len(tokens))
             rank_zero_info(
                 f"pre-tokenized cache {folder}: {meta['documents']:,} documents, {meta['tokens']:,} "
                 f"tokens, {len(starts):,} sequences ({packed:.2%} of the token file packed)"
@@ -320,9 +298,9 @@ class CodeDataModule(pl.LightningDataModule):
             dataset = WindowStream(
                 tokens,
                 starts,
-                seq_len=h.seq_len,
-                batch_size=h.batch_size,
-                seed=h.shuffle_seed,
+                seq_len=p.seq_len,
+                batch_size=batch_size,
+                seed=self._shuffle_seed(),
                 rank=rank,
                 world_size=world,
                 resume=resume,
@@ -332,14 +310,17 @@ class CodeDataModule(pl.LightningDataModule):
                 make_source=self._source_factory("train"),
                 make_filters=self._filter_factory(),
                 tokenizer_path=self.tokenizer_path,
-                seq_len=h.seq_len,
-                batch_size=h.batch_size,
-                mode=h.packing,
+                seq_len=p.seq_len,
+                batch_size=batch_size,
+                mode=p.mode,
                 heldout_fraction=self._heldout(),
             )
             dataset = PackedStream(spec, rank=rank, world_size=world, resume=resume)
         return DataLoader(
-            dataset, batch_size=None, pin_memory=torch.cuda.is_available(), **loader_options(h.num_workers)
+            dataset,
+            batch_size=None,
+            pin_memory=torch.cuda.is_available(),
+            **loader_options(self.loader.num_workers),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -376,18 +357,25 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _signature(self) -> dict:
         """What a saved position depends on; resuming with any of it changed cannot reuse the cursors."""
-        h = self.hparams
-        return {
-            "batch_size": h.batch_size,
-            "seq_len": h.seq_len,
-            "packing": h.packing,
+        p, loader, f = self.packing, self.loader, self.filters
+        return {  # keys as in checkpoints written before the groups (data.loader.batch_size was data.batch_size...)
+            "batch_size": loader.batch_size,
+            "seq_len": p.seq_len,
+            "packing": p.mode,
             # streamed positions are per DataLoader worker; pre-tokenized ones are one count for all
-            "num_workers": None if h.pretokenize else max(1, h.num_workers),
-            "pretokenize": h.pretokenize,
-            "shuffle_seed": h.shuffle_seed,
+            "num_workers": None if p.pretokenize else max(1, loader.num_workers),
+            "pretokenize": p.pretokenize,
+            "shuffle_seed": self._shuffle_seed(),
             "source": self._source_fingerprint(),
-            "filters": [h.keywords, h.quality_filter, h.dedup, self._heldout()],
+            "filters": [f.keywords, f.quality_filter, f.dedup, self._heldout()],
         }
+
+    def _shuffle_seed(self) -> int:
+        """``loader.shuffle_seed``; when None, the run's ``seed_everything`` value (a resume keeps the saved one)."""
+        seed = self.loader.shuffle_seed
+        if seed is None and self._resume is not None:
+            return self._resume["signature"]["shuffle_seed"]
+        return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict:
         mine = {"consumed": self._consumed, "cursors": [[k, *v] for k, v in sorted(self._cursors.items())]}

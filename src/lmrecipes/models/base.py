@@ -91,7 +91,7 @@ class RecipeModule(pl.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError(
                 "the learning-rate schedule needs the number of optimizer steps: set trainer.max_steps, or "
-                "data.pretokenize: true with trainer.max_epochs so the epochs are counted from the data "
+                "data.packing.pretokenize: true with trainer.max_epochs so the epochs are counted from the data "
                 f"(streamed data has no length; Lightning estimated {total})"
             )
         optimizer, scheduler = build_optimizer(self.model, self.optimizer_config, total_steps=int(total))

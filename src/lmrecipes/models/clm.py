@@ -114,7 +114,9 @@ class CausalLM(RecipeModule):
                 "use a matching tokenizer or a model built from config"
             )
         if seq_len > cfg.n_positions:
-            raise ValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={cfg.n_positions}")
+            raise ValueError(
+                f"data.packing.seq_len={seq_len} exceeds the model's n_positions={cfg.n_positions}"
+            )
 
     def _keytoken_ids(self) -> torch.Tensor:
         if self.hparams.loss == "ce":

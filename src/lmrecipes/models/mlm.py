@@ -88,7 +88,7 @@ class MaskedLM(RecipeModule):
             )
         if seq_len > cfg.max_position_embeddings:
             raise ValueError(
-                f"data.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
+                f"data.chunking.chunk_size={seq_len} exceeds the model's maximum length {cfg.max_position_embeddings}"
             )
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
