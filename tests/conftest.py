@@ -87,3 +87,22 @@ def tiny_bert(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(model_dir)
     return model_dir, corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """An exported-style causal-LM folder: a 2-layer GPT-2 (random weights, seed 0) and a byte-level BPE
+    tokenizer trained on the stdlib's json package."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmrecipes.bpe import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    texts = [p.read_text(encoding="utf-8") for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=600, progress=False)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder

@@ -24,26 +24,6 @@ from lmrecipes.evaluation.generation import (
     sampling_from_preset,
 )
 
-STDLIB = Path(json.__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> Path:
-    """An exported-style folder: a 2-layer GPT-2 (random weights, fixed seed) and a BPE tokenizer on stdlib code."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmrecipes.bpe import train_bpe_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    texts = [p.read_text(encoding="utf-8") for p in sorted((STDLIB / "json").glob("*.py"))]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=600, progress=False)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
 
 def load(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

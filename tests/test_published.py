@@ -107,33 +107,15 @@ def test_one_epoch_is_counted_from_the_pretokenized_data(code_tree, tmp_path, mo
     assert lrs[-1] < 0.02 * max(lrs)  # the cosine schedule ends with the epoch, not at an unknown step
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    """An exported causal-LM folder: a real byte-level BPE tokenizer and a 2-layer GPT-2."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmrecipes.bpe import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("gpt2")
-    texts = [Path(json.__file__).read_text(), Path(inspect.__file__).read_text()]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=400, progress=False)
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
-
-
-def test_book_generation_preset(tiny_gpt2, capsys):
+def test_book_generation_preset(tiny_lm, capsys):
     from lmrecipes.export import GENERATE_PRESETS
 
     # book ch.10, complete_code(): gen_kwargs and its defaults
     assert GENERATE_PRESETS["book"] == {"max_length": 64, "temperature": 0.4, "top_k": 0, "top_p": 0.95,
                                         "num_return_sequences": 4, "seed": 1, "first_block": True}  # fmt: skip
     prompt = "def area(radius):\n"
-    first = main(["generate", str(tiny_gpt2), "--prompt", prompt, "--preset", "book"])
-    again = main(["generate", str(tiny_gpt2), "--prompt", prompt, "--preset", "book"])
+    first = main(["generate", str(tiny_lm), "--prompt", prompt, "--preset", "book"])
+    again = main(["generate", str(tiny_lm), "--prompt", prompt, "--preset", "book"])
     assert first is None and again is None  # the console entry point returns nothing (exit 0)
     out = capsys.readouterr().out
     runs = out.split(prompt)[1:]
@@ -141,11 +123,11 @@ def test_book_generation_preset(tiny_gpt2, capsys):
     from lmrecipes.export import generate_command
 
     capsys.readouterr()
-    results = generate_command(str(tiny_gpt2), prompt=[prompt, "x = "], preset="book", num_return_sequences=2)
+    results = generate_command(str(tiny_lm), prompt=[prompt, "x = "], preset="book", num_return_sequences=2)
     assert [len(r) for r in results] == [2, 2]  # an explicit option wins over the preset
     assert all("\ndef " not in c and "\nclass " not in c for r in results for c in r)  # first_block
     with pytest.raises(ValueError, match=r"preset='paper' is not one of \['book', 'default'\]"):
-        generate_command(str(tiny_gpt2), prompt="x", preset="paper")
+        generate_command(str(tiny_lm), prompt="x", preset="paper")
 
 
 def test_tokenizer_defaults_are_the_books():
