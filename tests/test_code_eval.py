@@ -141,6 +141,11 @@ def test_two_processes_and_batch_size_one_write_the_same_samples(tiny_lm, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("generated 8/8 batches") == 2  # each process made half of the 16
     assert read_jsonl(out / "samples.jsonl") == one_process_samples
+    # other settings in the same folder: rank 0 finds out, and both processes stop (neither waits for ever)
+    refused = subprocess.run(
+        [*cmd, "--devices", "2", "--seed", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0 and "other settings" in refused.stderr
 
 
 @pytest.mark.slow

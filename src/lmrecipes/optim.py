@@ -9,11 +9,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmrecipes.data.groups import Group
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(Group):
     """AdamW and its learning-rate schedule; the defaults are the Hugging Face Trainer's.
 
     Args:
@@ -33,11 +35,6 @@ class OptimizerConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-
-    @classmethod
-    def of(cls, value: OptimizerConfig | dict) -> OptimizerConfig:
-        """The config itself, or one from the plain dict a checkpoint's hyper-parameters hold."""
-        return value if isinstance(value, cls) else cls(**value)
 
 
 def is_norm_module(module: nn.Module) -> bool:

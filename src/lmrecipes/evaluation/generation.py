@@ -110,6 +110,9 @@ def complete(model, tokenizer, prompt: str, seeds: list[int], sampling: Sampling
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     tokens: list[list[int]] = [[] for _ in range(batch)]
     texts, done = [""] * batch, [False] * batch
+    window = (
+        max(len(stop) for stop in sampling.stop_strings) + 8
+    )  # tokens: every one decodes to a character or more
     cache_arg = _cache_argument(model)
     cache = None
     for _ in range(sampling.max_new_tokens):
@@ -125,10 +128,16 @@ def complete(model, tokenizer, prompt: str, seeds: list[int], sampling: Sampling
                 done[row] = True
                 continue
             tokens[row].append(token)
-            texts[row], done[row] = cut_at_stop(tokenizer.decode(tokens[row]), sampling.stop_strings)
+            # A new stop string ends within the newest tokens: decode those alone at each step (decoding the whole
+            # completion every step is quadratic in its length), the whole text only when one shows up.
+            if any(stop in tokenizer.decode(tokens[row][-window:]) for stop in sampling.stop_strings):
+                texts[row], done[row] = cut_at_stop(tokenizer.decode(tokens[row]), sampling.stop_strings)
         if all(done):
             break
         inputs = chosen[:, None]  # (B, 1)
+    for row in range(batch):
+        if not done[row] or not texts[row]:  # ran out of tokens, or stopped at EOS
+            texts[row] = cut_at_stop(tokenizer.decode(tokens[row]), sampling.stop_strings)[0]
     return texts, truncated
 
 
