@@ -20,6 +20,7 @@ HUB_KEYS = {
     "data.init_args.source.val_source": "dataset",
     "data.init_args.source.test_source": "dataset",
     "data.init_args.source.predict_source": "dataset",
+    "data.init_args.packing.prepared": "dataset",
     "source": "dataset",  # lmrecipes tokenizer --source / --base
     "base": "model",
 }
