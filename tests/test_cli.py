@@ -169,7 +169,7 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "runs/clm-offline/checkpoints/last.ckpt", weights_only=True)
     hparams = {k: v for k, v in saved["datamodule_hyper_parameters"].items() if not k.startswith("_")}
     assert hparams["packing"] == {"seq_len": 32, "mode": "concat", "pretokenize": False,
-                                  "cache_dir": ".cache/lmrecipes"}  # groups saved as plain dicts  # fmt: skip
+                                  "cache_dir": ".cache/lmrecipes", "prepared": None}  # groups saved as plain dicts  # fmt: skip
     data = CodeDataModule(**hparams)
     data.load_state_dict(saved["CodeDataModule"])
     with pytest.raises(ValueError, match=r"world_size: 1 -> 2"):
@@ -314,7 +314,7 @@ def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path,
         "3",
     ]
     main(fit_args(code_tree, tmp_path, *args))
-    caches = list((tmp_path / ".cache/lmrecipes").glob("*/tokens.bin"))
+    caches = list((tmp_path / ".cache/lmrecipes").glob("*/manifest.json"))
     assert len(caches) == 1
     built = caches[0].stat().st_mtime_ns
     main(fit_args(code_tree, tmp_path, *args, "--trainer.max_steps", "5", "--ckpt_path", "last"))

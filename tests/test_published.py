@@ -83,7 +83,7 @@ def test_one_epoch_is_counted_from_the_pretokenized_data(code_tree, tmp_path, mo
     come from the token file, and the run stops after one pass over the windows."""
     import sys
 
-    from lmrecipes.data.pretokenize import load_token_file, window_starts
+    from lmrecipes.data.prepared import PreparedData
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_cli import fit_args
@@ -95,8 +95,7 @@ def test_one_epoch_is_counted_from_the_pretokenized_data(code_tree, tmp_path, mo
                   "--data.init_args.loader.batch_size", "16", "--trainer.limit_val_batches", "0",
                   "--data.init_args.train_tokenizer.vocab_size", "300"))  # fmt: skip
     (folder,) = (tmp_path / ".cache/lmrecipes").glob("*/")
-    _, lengths, _ = load_token_file(folder)
-    windows = len(window_starts(lengths, seq_len=64, mode="overflow"))
+    windows = len(PreparedData(folder).windows(64)[1])
     expected = windows // 16 // 4  # one pass over the windows, 16 per batch, 4 batches per optimizer step
     with open(next(tmp_path.glob("runs/clm-offline/csv/*/metrics.csv"))) as f:
         rows = list(csv.DictReader(f))

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.filters import FilterPipeline, shard_of
+from lmrecipes.data.prepared import WindowStream
 from lmrecipes.data.pretokenize import (
     build_token_file,
     encode_batch,
@@ -22,7 +23,7 @@ from lmrecipes.data.pretokenize import (
     window_starts,
 )
 from lmrecipes.data.sources import open_source
-from lmrecipes.data.stream import PackedStream, StreamSpec, WindowStream, is_heldout, path_is_heldout
+from lmrecipes.data.stream import PackedStream, StreamSpec, is_heldout, path_is_heldout
 
 SEQ_LEN, BATCH = 16, 4
 TOKENS_PER_BATCH = SEQ_LEN * BATCH

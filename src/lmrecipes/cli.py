@@ -3,6 +3,7 @@
     lmrecipes fit --config configs/clm/offline.yaml
     lmrecipes fit --config configs/clm/offline.yaml --ckpt_path last        # resume
     lmrecipes tokenizer --source python-install --out tok --vocab_size 8192 --max_chars 20000000
+    lmrecipes prepare -c configs/clm/offline.yaml --output prepared/ --num_proc 2   # pre-tokenized shards
     lmrecipes export runs/clm-offline/checkpoints/last.ckpt exported/
     lmrecipes generate exported/ --prompt "import pandas as pd"
     lmrecipes fill-mask exported-mlm/ "This is a great [MASK]."
@@ -221,6 +222,29 @@ def run_lightning(args: list[str]) -> None:
     )
 
 
+def prepare_command(args: list[str]) -> None:
+    """``lmrecipes prepare -c CONFIG --output DIR --num_proc N [--shard_chars C]``: the config's data section
+    (any ``--data...`` override too) built into a prepared folder; train from it with ``data.packing.prepared``."""
+    import argparse
+
+    from lmrecipes.data.prepare import check_num_proc, prepare
+
+    parser = argparse.ArgumentParser(prog="lmrecipes prepare", description=prepare_command.__doc__)
+    parser.add_argument(
+        "--output", required=True, help="the prepared folder (new, or one a killed build left)"
+    )
+    parser.add_argument("--num_proc", type=int, default=1, help="processes that tokenize shards in parallel")
+    parser.add_argument("--shard_chars", type=int, default=None, help="characters of text per shard file")
+    opts, rest = parser.parse_known_args(args)
+    check_num_proc(opts.num_proc)  # before the config's tokenizer is trained or its corpus listed
+    cli = RecipeCLI(model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+                    run=False, save_config_callback=None, args=expand_configs(rest))  # fmt: skip
+    if not hasattr(cli.datamodule, "prepare_spec"):
+        raise ValueError(f"lmrecipes prepare builds causal-LM data; {type(cli.datamodule).__name__} has none")
+    folder = prepare(cli.datamodule.prepare_spec(opts.shard_chars), opts.output, num_proc=opts.num_proc)
+    print(f"prepared {folder}: train from it with --data.init_args.packing.prepared {folder}")
+
+
 def run_function(function, args: list[str]) -> None:
     from jsonargparse import auto_cli
 
@@ -261,7 +285,7 @@ def quiet(args: list[str]) -> list[str]:
         return args
     os.environ["TQDM_DISABLE"] = "1"
     args = [a for a in args if a != "--quiet"]
-    if args and args[0] in ("fit", "validate", "test", "predict"):
+    if args and args[0] in ("fit", "validate", "test", "predict", "prepare"):
         args += ["--trainer.enable_progress_bar=false", "--data.init_args.progress=false"]
     elif args and args[0] == "tokenizer":
         args += ["--progress=false"]
@@ -274,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     # DataLoader workers fork after the tokenizer ran.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     commands = extra_commands() if args and args[0] in EXTRA_COMMANDS else {}
-    if commands:
+    if args and args[0] == "prepare":
+        prepare_command(args[1:])
+    elif commands:
         run_function(commands[args[0]], optional_model_argument(args))
     else:
         try:

@@ -24,18 +24,13 @@ from lmrecipes.data.groups import (
     plain,
 )
 from lmrecipes.data.packing import PACKING_MODES, iter_windows
-from lmrecipes.data.pretokenize import (
-    ensure_token_file,
-    load_token_file,
-    tokenize_groups,
-    tokenizer_fingerprint,
-    window_starts,
-)
+from lmrecipes.data.prepare import PrepareSpec, ensure_prepared
+from lmrecipes.data.prepared import PreparedData, WindowStream
+from lmrecipes.data.pretokenize import tokenize_groups, tokenizer_fingerprint
 from lmrecipes.data.sources import SourceTree, open_source
 from lmrecipes.data.stream import (
     PackedStream,
     StreamSpec,
-    WindowStream,
     is_heldout,
     load_tokenizer,
     loader_options,
@@ -196,36 +191,33 @@ class CodeDataModule(pl.LightningDataModule):
     def _heldout(self) -> float:
         return self.source.heldout_fraction if self.source.val_source is None else 0.0
 
-    def _train_docs(self):
-        """Kept training documents of the whole source (pre-tokenized mode)."""
-        filters, heldout = self._filters(), self._heldout()
-        for raw_index, doc in self._source("train").iter_raw():
-            if not is_heldout(doc, heldout) and filters(doc):
-                yield raw_index, doc
-        if filters.counts["kept"] == 0:
-            raise ValueError(f"the filters kept no training documents: {filters.summary()}")
-
     def _source_fingerprint(self) -> str:
         """The training source's fingerprint, computed once per run (listing a big tree takes seconds)."""
         if self._fingerprint is None:
             self._fingerprint = self._source("train").fingerprint()
         return self._fingerprint
 
+    def prepare_spec(self, shard_chars: int | None = None) -> PrepareSpec:
+        """What ``lmrecipes prepare`` (and ``packing.pretokenize``) builds from this run's data settings."""
+        f, sizes = self.filters, {} if shard_chars is None else {"shard_chars": shard_chars}
+        return PrepareSpec(
+            make_source=self._source_factory("train"),
+            source_fingerprint=self._source_fingerprint(),
+            tokenizer_path=self.tokenizer_path,
+            mode=self.packing.mode,
+            keywords=f.keywords,
+            quality=f.quality_filter,
+            dedup=f.dedup,
+            heldout_fraction=self._heldout(),
+            **sizes,
+        )
+
     def _cache_key(self) -> dict:
-        f = self.filters
-        return {
-            "source": self._source_fingerprint(),
-            "filters": [f.keywords, f.quality_filter, f.dedup],
-            "heldout": self._heldout(),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "packing": self.packing.mode,
-        }
+        return self.prepare_spec().key(self.tokenizer)
 
     def prepare_data(self) -> None:
-        p = self.packing
-        if p.pretokenize:
-            ensure_token_file(Path(p.cache_dir), self._cache_key(), self._train_docs, self.tokenizer, mode=p.mode,
-                              progress=self.hparams.progress)  # fmt: skip
+        if self.packing.pretokenize and self.packing.prepared is None:
+            ensure_prepared(Path(self.packing.cache_dir), self.prepare_spec(), self.tokenizer)
 
     def setup(self, stage: str) -> None:
         if self._val_batches is None:
@@ -268,18 +260,28 @@ class CodeDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _token_windows(self) -> tuple[Path, np.ndarray, np.ndarray, dict]:
-        """(cache folder, memory-mapped tokens, window starts, stats) of the pre-tokenized training set."""
+    def _token_windows(self) -> tuple[PreparedData, np.ndarray, np.ndarray]:
+        """(prepared data, shard of each window, window starts) of the pre-tokenized training set: the folder
+        ``packing.prepared`` names, or the one ``pretokenize`` builds under ``cache_dir``."""
         p = self.packing
-        folder = ensure_token_file(Path(p.cache_dir), self._cache_key(), self._train_docs, self.tokenizer,
-                                   mode=p.mode, progress=self.hparams.progress)  # fmt: skip
-        tokens, lengths, meta = load_token_file(folder)
-        return folder, tokens, window_starts(lengths, seq_len=p.seq_len, mode=p.mode), meta
+        if p.prepared is not None and p.pretokenize:
+            raise ValueError(
+                f"data.packing.prepared={p.prepared!r} and data.packing.pretokenize=true both say where the "
+                "pre-tokenized data comes from; set one"
+            )
+        if p.prepared is None:
+            location = ensure_prepared(Path(p.cache_dir), self.prepare_spec(), self.tokenizer)
+        else:
+            location = p.prepared
+        data = PreparedData(location)
+        data.check_matches(tokenizer=tokenizer_fingerprint(self.tokenizer), mode=p.mode)
+        data.check_files()
+        return data, *data.windows(p.seq_len)
 
     def batches_per_epoch(self) -> int | None:
         """Batches per rank that use every training window once (pre-tokenized data); None when streamed, whose
         length nobody knows before reading it all."""
-        if not self.packing.pretokenize:
+        if not self.packing.pretokenize and self.packing.prepared is None:
             return None
         _, world = self._rank_world()
         return len(self._token_windows()[2]) // (self.loader.batch_size * world)
@@ -288,16 +290,18 @@ class CodeDataModule(pl.LightningDataModule):
         p, batch_size = self.packing, self.loader.batch_size
         rank, world = self._rank_world()
         resume = self._resume_for(rank, world)
-        if p.pretokenize:
-            folder, tokens, starts, meta = self._token_windows()
-            packed = len(starts) * p.seq_len / max(1, len(tokens))
+        if p.pretokenize or p.prepared is not None:
+            data, files, starts = self._token_windows()
+            m = data.manifest
             rank_zero_info(
-                f"pre-tokenized cache {folder}: {meta['documents']:,} documents, {meta['tokens']:,} "
-                f"tokens, {len(starts):,} sequences ({packed:.2%} of the token file packed)"
+                f"pre-tokenized data {data.location}: {m['counts']['documents']:,} documents, {m['tokens']:,} "
+                f"tokens in {len(m['shards'])} shards, {len(starts):,} sequences "
+                f"({len(starts) * p.seq_len / max(1, m['tokens']):.2%} of the tokens packed)"
             )
             dataset = WindowStream(
-                tokens,
+                [data.tokens(i) for i in range(len(m["shards"]))],
                 starts,
+                files=files,
                 seq_len=p.seq_len,
                 batch_size=batch_size,
                 seed=self._shuffle_seed(),
@@ -363,8 +367,8 @@ class CodeDataModule(pl.LightningDataModule):
             "seq_len": p.seq_len,
             "packing": p.mode,
             # streamed positions are per DataLoader worker; pre-tokenized ones are one count for all
-            "num_workers": None if p.pretokenize else max(1, loader.num_workers),
-            "pretokenize": p.pretokenize,
+            "num_workers": None if p.pretokenize or p.prepared else max(1, loader.num_workers),
+            "pretokenize": p.pretokenize if p.prepared is None else f"prepared:{p.prepared}",
             "shuffle_seed": self._shuffle_seed(),
             "source": self._source_fingerprint(),
             "filters": [f.keywords, f.quality_filter, f.dedup, self._heldout()],

@@ -148,14 +148,18 @@ class PackingConfig(Group):
     Args:
         seq_len: tokens per training sequence (linked into the model).
         mode: ``concat`` (EOS-joined stream cut in windows) or ``overflow`` (full chunks per document).
-        pretokenize: tokenize once into a memory-mapped cache under ``cache_dir`` instead of streaming.
+        pretokenize: tokenize once into a prepared folder under ``cache_dir`` (named by a fingerprint of the
+            source, filters, tokenizer and mode) instead of streaming.
         cache_dir: where pre-tokenized caches live (shared by later runs with the same inputs).
+        prepared: train from a folder built by ``lmrecipes prepare`` (local path, or a Hub dataset id read shard by
+            shard) instead of the source; its tokenizer and mode must be the run's. None: use the source.
     """
 
     seq_len: int = 128
     mode: Literal["concat", "overflow"] = "concat"
     pretokenize: bool = False
     cache_dir: str = ".cache/lmrecipes"
+    prepared: str | None = None
 
 
 @dataclass(frozen=True)

@@ -131,12 +131,19 @@ def build_documents(spec: PrepareSpec, work: Path) -> dict:
     shutil.rmtree(work / "docs", ignore_errors=True)
     counts: dict = {}
     features = datasets.Features(
-        {"content": datasets.Value("string"), "digest": datasets.Value("int64"), "chars": datasets.Value("int64")}
+        {
+            "content": datasets.Value("string"),
+            "digest": datasets.Value("int64"),
+            "chars": datasets.Value("int64"),
+        }
     )
     shutil.rmtree(work / "hf", ignore_errors=True)  # so the generator runs here (its counts are ours)
     try:
         docs = datasets.Dataset.from_generator(
-            _kept_documents, gen_kwargs={"spec": spec, "counts": counts}, features=features, cache_dir=str(work / "hf")
+            _kept_documents,
+            gen_kwargs={"spec": spec, "counts": counts},
+            features=features,
+            cache_dir=str(work / "hf"),
         )
     except datasets.exceptions.DatasetGenerationError as err:  # the source's own message names file and line
         raise (err.__cause__ if isinstance(err.__cause__, ValueError) else err) from None
@@ -151,7 +158,6 @@ def build_documents(spec: PrepareSpec, work: Path) -> dict:
     write_json(done, stats)
     shutil.rmtree(work / "hf", ignore_errors=True)
     return stats
-
 
 
 def shard_name(index: int) -> str:
@@ -197,7 +203,9 @@ def _write_shard(folder: Path, index: int, texts: list[str], tokenizer, *, mode:
     return record
 
 
-def _tokenize_shards(batch: dict, *, folder: str, bounds: list[int], tokenizer_path: str, mode: str, dtype: str):
+def _tokenize_shards(
+    batch: dict, *, folder: str, bounds: list[int], tokenizer_path: str, mode: str, dtype: str
+):
     """``Dataset.map`` function run in the worker processes: build the listed shards that are not finished."""
     import datasets
 
@@ -221,10 +229,19 @@ def _folder_fingerprint(output: Path) -> str | None:
             try:
                 return json.loads(path.read_text())["fingerprint"]
             except (ValueError, KeyError):
-                raise ValueError(f"{path} is truncated or not a prepared dataset's; delete the folder") from None
+                raise ValueError(
+                    f"{path} is truncated or not a prepared dataset's; delete the folder"
+                ) from None
     if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} holds other files and no {MANIFEST}; expected a new or empty folder")
+        raise ValueError(
+            f"--output {output} holds other files and no {MANIFEST}; expected a new or empty folder"
+        )
     return None
+
+
+def check_num_proc(num_proc) -> None:
+    if not isinstance(num_proc, int) or num_proc < 1:
+        raise ValueError(f"--num_proc={num_proc!r}: expected a positive number of processes")
 
 
 def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path:
@@ -233,8 +250,7 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
 
     from lmrecipes.data.stream import load_tokenizer
 
-    if not isinstance(num_proc, int) or num_proc < 1:
-        raise ValueError(f"--num_proc={num_proc!r}: expected a positive number of processes")
+    check_num_proc(num_proc)
     output, tokenizer = Path(output), load_tokenizer(spec.tokenizer_path)
     key = spec.key(tokenizer)
     fingerprint = cache_key(key)
@@ -273,3 +289,12 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
         (output / f"{shard_name(i)}.json").unlink()
     shutil.rmtree(work)
     return output
+
+
+def ensure_prepared(root: str | Path, spec: PrepareSpec, tokenizer) -> Path:
+    """``packing.pretokenize: true``: the prepared folder under ``root`` named by the spec's fingerprint, built
+    (or finished) first when it has no manifest."""
+    folder = Path(root) / cache_key(spec.key(tokenizer))
+    if not (folder / MANIFEST).exists():
+        prepare(spec, folder, num_proc=1)
+    return folder

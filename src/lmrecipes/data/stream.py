@@ -13,7 +13,6 @@ worker ``w`` plays logical stream ``(w + consumed) % W``, so batches keep their 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -159,53 +158,3 @@ class PackedStream(IterableDataset):
             if raw_index >= stop:
                 break
             self._keep(doc, filters, shard, num_shards)
-
-
-class WindowStream(IterableDataset):
-    """Endless batches of pre-tokenized windows (memory-mapped), reshuffled each epoch, exactly once per epoch.
-
-    Sample ``g`` of the run is window ``permutation(seed, epoch=g // N)[g % N]``; rank ``r``'s batch ``s`` holds
-    samples ``(s * world + r) * batch_size`` onwards, so across all ranks every window is used once per epoch
-    (a global batch may straddle two epochs) and the position is one number, the batches this rank consumed.
-    DataLoader worker ``w`` of ``W`` builds this rank's batches ``consumed + w``, ``consumed + w + W``, ..., the
-    order in which the DataLoader hands them out.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        starts: np.ndarray,
-        *,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        resume: dict | None = None,
-    ):
-        if len(starts) < batch_size * world_size:
-            raise ValueError(
-                f"{len(starts)} pre-tokenized windows cannot fill a batch of {batch_size} on each of {world_size} "
-                "ranks; lower batch_size or seq_len, or add data"
-            )
-        self.tokens, self.starts = tokens, starts
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.resume = resume or {"consumed": 0, "cursors": {}}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        n, orders = len(self.starts), {}
-        for s in itertools.count(self.resume["consumed"] + worker, workers):
-            first = (s * self.world_size + self.rank) * self.batch_size
-            epochs = range(first // n, (first + self.batch_size - 1) // n + 1)  # one, or two at a boundary
-            orders = {e: orders[e] if e in orders else self._order(e) for e in epochs}
-            samples = range(first, first + self.batch_size)
-            picks = self.starts[[orders[g // n][g % n] for g in samples]]
-            batch = np.stack([self.tokens[p : p + self.seq_len] for p in picks]).astype(np.int64)
-            position = torch.tensor([0, int(first // n), s + 1, 0])  # (logical, epoch, consumed, unused)
-            yield {"input_ids": torch.from_numpy(batch), "position": position}
