@@ -298,13 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     # DataLoader workers fork after the tokenizer ran.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     commands = extra_commands() if args and args[0] in EXTRA_COMMANDS else {}
-    if args and args[0] == "prepare":
-        prepare_command(args[1:])
-    elif commands:
+    if commands:
         run_function(commands[args[0]], optional_model_argument(args))
     else:
         try:
-            run_lightning(args)
+            prepare_command(args[1:]) if args and args[0] == "prepare" else run_lightning(args)
         except ValueError as err:
             # jsonargparse wraps errors raised in our __init__ validation in a long "Union subtypes" report;
             # the user needs only our message, which names the key and the accepted values.

@@ -287,6 +287,8 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
     write_json(output / MANIFEST, manifest)  # last: a folder with a manifest is complete
     for i in range(shards):
         (output / f"{shard_name(i)}.json").unlink()
+    for stale in output.glob("*.tmp*"):  # half-written files of a killed build
+        stale.unlink()
     shutil.rmtree(work)
     return output
 

@@ -1,0 +1,156 @@
+"""``lmrecipes prepare``: the same tokens for any number of processes, resumable after SIGKILL, global dedup,
+exactly-once and exact-resume training from the folder, and the bad input it refuses."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli import OFFLINE, TINY_MODEL, fit_args, read_metric
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from lmrecipes.bpe import train_bpe_tokenizer
+from lmrecipes.cli import main
+from lmrecipes.data.clm import CodeDataModule
+from lmrecipes.data.filters import FilterPipeline
+from lmrecipes.data.prepare import PrepareSpec, first_occurrences, prepare
+from lmrecipes.data.prepared import PreparedData, WindowStream
+from lmrecipes.data.pretokenize import encode_batch, tokenizer_fingerprint
+from lmrecipes.data.sources import open_source
+
+SHARD_CHARS = 3000  # smaller than most files: about one document per shard, so copies land in other shards
+
+
+@pytest.fixture(scope="module")
+def corpus(code_tree, tmp_path_factory) -> tuple[Path, str]:
+    """The real-code tree plus an exact copy and a whitespace-only variant of two of its files; a tokenizer."""
+    root = tmp_path_factory.mktemp("prepare")
+    tree = root / "tree"
+    shutil.copytree(code_tree, tree)
+    files = sorted(tree.glob("*.py"))
+    (tree / "zz_exact_copy.py").write_text(files[3].read_text())
+    (tree / "zz_tabbed_copy.py").write_text(files[10].read_text().replace("    ", "\t"))
+    tokenizer = train_bpe_tokenizer([f.read_text() for f in files[:20]], vocab_size=300, progress=False)
+    tokenizer.save_pretrained(root / "tok")
+    return tree, str(root / "tok")
+
+
+def _spec(corpus, **overrides) -> PrepareSpec:
+    tree, tok = corpus
+    fields = dict(make_source=functools.partial(open_source, str(tree), progress=False), source_fingerprint="t",
+                  tokenizer_path=tok, shard_chars=SHARD_CHARS)  # fmt: skip
+    return PrepareSpec(**(fields | overrides))
+
+
+def _all_tokens(folder: Path) -> np.ndarray:
+    data = PreparedData(folder)
+    return np.concatenate([np.asarray(data.tokens(i)) for i in range(len(data.manifest["shards"]))])
+
+
+def _expected_tokens(corpus) -> tuple[np.ndarray, int]:
+    """Independently: the streaming filter pipeline's dedup (first occurrence in source order) + EOS-joined ids."""
+    tree, tok = corpus
+    tokenizer, filters = AutoTokenizer.from_pretrained(tok), FilterPipeline(dedup=True)
+    texts = [d["content"] for _, d in open_source(str(tree), progress=False).iter_raw() if filters(d)]
+    ids = [t for doc in encode_batch(tokenizer, texts) for t in (*doc, tokenizer.eos_token_id)]
+    return np.asarray(ids), filters.counts["dropped_duplicate"]
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("built")
+    return {n: prepare(_spec(corpus), root / f"n{n}", num_proc=n) for n in (1, 2)}
+
+
+def test_same_tokens_with_1_and_2_processes_and_global_dedup(corpus, built):
+    expected, duplicates = _expected_tokens(corpus)
+    assert duplicates == 2
+    manifests = [json.loads((built[n] / "manifest.json").read_text()) for n in (1, 2)]
+    assert manifests[0] == manifests[1]  # every shard's size and checksum, every count
+    m = manifests[0]
+    assert len(m["shards"]) > 20 and m["counts"]["duplicates"] == 2 and m["dtype"] == "uint16"
+    assert m["tokenizer"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(corpus[1]))
+    for n in (1, 2):
+        assert np.array_equal(_all_tokens(built[n]), expected)
+        assert sorted(p.name for p in built[n].iterdir() if not p.name.startswith("shard-")) == [
+            "manifest.json"
+        ]
+
+
+def test_first_occurrences_keeps_source_order():
+    digests = np.array([5, -3, 5, 9, -3, 9, 7], dtype=np.int64)
+    assert first_occurrences(digests).tolist() == [0, 1, 3, 6]
+
+
+def _prepare_cli(corpus, output: Path, num_proc: int) -> list[str]:
+    tree, tok = corpus
+    return ["prepare", "-c", OFFLINE, "--data.init_args.source.train_source", str(tree),
+            "--data.init_args.tokenizer", tok, "--data.init_args.train_tokenizer.vocab_size", "null",
+            "--data.init_args.filters.keywords", "null", "--data.init_args.filters.dedup", "true",
+            "--data.init_args.source.heldout_fraction", "0.15", "--model.init_args.config", TINY_MODEL,
+            "--data.init_args.packing.seq_len", "32", "--output", str(output), "--num_proc", str(num_proc), "--shard_chars", str(SHARD_CHARS)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_build_reruns_to_the_uninterrupted_tokens(corpus, tmp_path):
+    """SIGKILL a real 2-process ``lmrecipes prepare`` once shards are done; a rerun (1 process) keeps them."""
+    out, whole = tmp_path / "killed", tmp_path / "whole"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "lmrecipes", *_prepare_cli(corpus, out, 2)]
+    log = open(tmp_path / "prepare.log", "w")  # a file, not a pipe: a full pipe would stall the build
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("shard-*.json"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    ended = proc.poll() is not None
+    assert not ended, f"prepare ended before it was killed: {(tmp_path / 'prepare.log').read_text()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the workers of datasets' pool too
+    proc.wait()
+    log.close()
+    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.bin") if p.with_suffix(".json").exists()}
+    assert len(done) >= 4
+    main(_prepare_cli(corpus, out, 1))
+    main(_prepare_cli(corpus, whole, 2))
+    assert {
+        name: (out / name).stat().st_mtime_ns for name in done
+    } == done  # finished shards kept, not redone
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (whole / "manifest.json").read_text()
+    )
+    assert np.array_equal(_all_tokens(out), _all_tokens(whole))
+    assert not list(out.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_window_of_a_prepared_folder_once_per_epoch(built, world_size, workers):
+    data = PreparedData(built[2])
+    seq_len, batch_size = 256, 5
+    files, starts = data.windows(seq_len)
+    tokens = [data.tokens(i) for i in range(len(data.manifest["shards"]))]
+    n = len(starts)
+    windows = Counter(tuple(tokens[f][s : s + seq_len].tolist()) for f, s in zip(files, starts))
+    steps = -(-2 * n // (world_size * batch_size))  # two epochs on every rank
+    per_rank = []
+    for rank in range(world_size):
+        stream = WindowStream(tokens, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
+                              rank=rank, world_size=world_size)  # fmt: skip
+        batches = list(itertools.islice(DataLoader(stream, batch_size=None, num_workers=workers), steps))
+        per_rank.append([[tuple(row) for row in b["input_ids"].tolist()] for b in batches])
+    run = [w for s in range(steps) for mine in per_rank for w in mine[s]]
+    assert Counter(run[:n]) == windows and Counter(run[n : 2 * n]) == windows
+    assert run[:n] != run[n : 2 * n]  # reshuffled each epoch
