@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_cli import OFFLINE, TINY_MODEL, fit_args, read_metric
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
@@ -154,3 +153,95 @@ def test_every_window_of_a_prepared_folder_once_per_epoch(built, world_size, wor
     run = [w for s in range(steps) for mine in per_rank for w in mine[s]]
     assert Counter(run[:n]) == windows and Counter(run[n : 2 * n]) == windows
     assert run[:n] != run[n : 2 * n]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_training_from_a_prepared_folder_resumes_exactly(code_tree, tmp_path, monkeypatch):
+    """``lmrecipes prepare`` then fit from the folder (2 DataLoader workers): stopped after 3 steps and resumed
+    with --ckpt_path last, steps 4-6 match an uninterrupted run (as the pretokenize resume test, shards now)."""
+    monkeypatch.chdir(tmp_path)
+    prep, straight, resumed = tmp_path / "prepared", tmp_path / "straight", tmp_path / "resumed"
+    common = ["--data.init_args.tokenizer", str(tmp_path / "tok"), "--trainer.val_check_interval", "100",
+              "--trainer.limit_val_batches", "0", "--data.init_args.loader.num_workers", "2"]  # fmt: skip
+    main(["prepare", *fit_args(code_tree, tmp_path, *common)[1:], "--output", str(prep), "--num_proc", "2",
+          "--shard_chars", "20000"])  # fmt: skip
+    assert len(PreparedData(prep).manifest["shards"]) > 10
+    common += ["--data.init_args.packing.prepared", str(prep)]
+    for run in (straight, resumed):
+        run.mkdir()
+    monkeypatch.chdir(straight)
+    main(fit_args(code_tree, straight, *common))
+    monkeypatch.chdir(resumed)
+    main(fit_args(code_tree, resumed, *common, "--trainer.max_steps", "3"))
+    main(fit_args(code_tree, resumed, *common, "--ckpt_path", "last"))
+    a, b = dict(read_metric(straight, "train/loss")), dict(read_metric(resumed, "train/loss"))
+    assert sorted(a) == sorted(b) == list(range(6))
+    for step in range(6):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    assert not (straight / ".cache").exists()  # read from the prepared folder, nothing tokenized again
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def test_a_missing_or_truncated_shard_is_named(built, tmp_path):
+    folder = _copy(built[1], tmp_path)
+    (folder / "shard-00003.bin").unlink()
+    with pytest.raises(ValueError, match=r"shard-00003\.bin is missing; the manifest .* says [\d,]+ bytes"):
+        PreparedData(folder).check_files()
+    shutil.copy(built[1] / "shard-00003.bin", folder)
+    with open(folder / "shard-00007.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match=r"shard-00007\.bin has 10 bytes"):
+        PreparedData(folder).check_files()
+    (folder / "shard-00002.lengths.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(ValueError, match=r"shard-00002\.lengths\.npy is missing or truncated"):
+        PreparedData(folder).windows(32)
+
+
+def test_a_missing_or_truncated_manifest_is_named(built, tmp_path):
+    folder = _copy(built[1], tmp_path)
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"manifest\.json is truncated or not JSON"):
+        PreparedData(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"has no manifest\.json: its build did not finish"):
+        PreparedData(folder)
+
+
+def _datamodule(corpus, tokenizer: str, **packing) -> CodeDataModule:
+    tree, _ = corpus
+    return CodeDataModule(tokenizer=tokenizer, source={"train_source": str(tree), "heldout_fraction": 0.15},
+                          packing={"seq_len": 32, **packing}, loader={"batch_size": 2}, progress=False)  # fmt: skip
+
+
+def test_a_prepared_dataset_of_another_tokenizer_or_mode_is_refused(corpus, built, tmp_path):
+    tree, tok = corpus
+    other = train_bpe_tokenizer([p.read_text() for p in sorted(tree.glob("*.py"))[:5]], vocab_size=280)
+    other.save_pretrained(tmp_path / "other")
+    mine, theirs = tokenizer_fingerprint(other), PreparedData(built[1]).manifest["tokenizer"]
+    with pytest.raises(ValueError, match=rf"tokenizer fingerprint {theirs}; this run's tokenizer .* {mine}"):
+        _datamodule(corpus, str(tmp_path / "other"), prepared=str(built[1])).batches_per_epoch()
+    with pytest.raises(
+        ValueError, match=r"packed with mode 'concat'; this run has data.packing.mode='overflow'"
+    ):
+        _datamodule(corpus, tok, prepared=str(built[1]), mode="overflow").batches_per_epoch()
+    with pytest.raises(ValueError, match=r"set one"):
+        _datamodule(corpus, tok, prepared=str(built[1]), pretokenize=True).batches_per_epoch()
+    assert _datamodule(corpus, tok, prepared=str(built[1])).batches_per_epoch() > 0
+
+
+def test_bad_prepare_arguments_and_output_folders(corpus, built, tmp_path):
+    with pytest.raises(ValueError, match=r"--num_proc=0: expected a positive number"):
+        main(["prepare", "-c", OFFLINE, "--output", str(tmp_path / "x"), "--num_proc", "0"])
+    found = PreparedData(built[1]).manifest["fingerprint"]
+    with pytest.raises(
+        ValueError, match=rf"holds another prepared dataset \(fingerprint {found}; this config's"
+    ):
+        prepare(_spec(corpus, mode="overflow"), built[1], num_proc=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files and no manifest.json"):
+        prepare(_spec(corpus), tmp_path, num_proc=1)
+    assert prepare(_spec(corpus), built[1], num_proc=2) == built[1]  # finished: nothing to do
