@@ -138,7 +138,7 @@ def test_killed_build_reruns_to_the_uninterrupted_tokens(corpus, tmp_path):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_every_window_of_a_prepared_folder_once_per_epoch(built, world_size, workers):
     data = PreparedData(built[2])
-    seq_len, batch_size = 256, 5
+    seq_len, batch_size = 512, 5
     files, starts = data.windows(seq_len)
     tokens = [data.tokens(i) for i in range(len(data.manifest["shards"]))]
     n = len(starts)
@@ -146,7 +146,7 @@ def test_every_window_of_a_prepared_folder_once_per_epoch(built, world_size, wor
     steps = -(-2 * n // (world_size * batch_size))  # two epochs on every rank
     per_rank = []
     for rank in range(world_size):
-        stream = WindowStream(tokens, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
+        stream = WindowStream(data, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
                               rank=rank, world_size=world_size)  # fmt: skip
         batches = list(itertools.islice(DataLoader(stream, batch_size=None, num_workers=workers), steps))
         per_rank.append([[tuple(row) for row in b["input_ids"].tolist()] for b in batches])
@@ -245,3 +245,12 @@ def test_bad_prepare_arguments_and_output_folders(corpus, built, tmp_path):
     with pytest.raises(ValueError, match=r"holds other files and no manifest.json"):
         prepare(_spec(corpus), tmp_path, num_proc=1)
     assert prepare(_spec(corpus), built[1], num_proc=2) == built[1]  # finished: nothing to do
+
+
+def test_a_hub_id_offline_names_the_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ValueError, match=r"HF_HUB_OFFLINE=1 .* data\.init_args\.packing\.prepared='someone/code-prepared'"
+    ):
+        PreparedData("someone/code-prepared")

@@ -299,7 +299,7 @@ class CodeDataModule(pl.LightningDataModule):
                 f"({len(starts) * p.seq_len / max(1, m['tokens']):.2%} of the tokens packed)"
             )
             dataset = WindowStream(
-                [data.tokens(i) for i in range(len(m["shards"]))],
+                data,
                 starts,
                 files=files,
                 seq_len=p.seq_len,

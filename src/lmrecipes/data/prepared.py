@@ -95,14 +95,26 @@ class PreparedData:
         return np.load(path)
 
     def check_files(self) -> None:
-        """Every shard present with its manifest size (run before training, so a gap is named at once)."""
-        for i in range(len(self.manifest["shards"])):
-            self.tokens(i)
+        """Every shard present with its manifest size (run before training, so a gap is named at once); from the
+        Hub, each shard is checked when it is first downloaded instead."""
+        if self._local:
+            for i in range(len(self)):
+                self.tokens(i)
+
+    def __len__(self) -> int:
+        return len(self.manifest["shards"])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.tokens(index)  # WindowStream's view: shard index -> tokens, opened on first use
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers reopen the shards they read: a pickled memmap would copy the whole file
+        return {**self.__dict__, "_tokens": {}}
 
     def windows(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """``(shard of each window, start in that shard)``; windows never cross shards."""
         files, starts = [], []
-        for i in range(len(self.manifest["shards"])):
+        for i in range(len(self)):
             mine = window_starts(self.lengths(i), seq_len=seq_len, mode=self.manifest["mode"])
             files.append(np.full(len(mine), i, dtype=np.int32))
             starts.append(mine)
@@ -122,12 +134,13 @@ class WindowStream(IterableDataset):
     (a global batch may straddle two epochs) and the position is one number, the batches this rank consumed:
     resuming at any step costs one permutation, not a replay. DataLoader worker ``w`` of ``W`` builds this rank's
     batches ``consumed + w``, ``consumed + w + W``, ..., the order in which the DataLoader hands them out.
-    ``tokens`` is one token array or one per shard; ``files`` then names each window's shard.
+    ``tokens`` is one token array, or one per shard (a list or a ``PreparedData``, which opens shards on first use);
+    ``files`` then names each window's shard.
     """
 
     def __init__(
         self,
-        tokens: np.ndarray | list[np.ndarray],
+        tokens: np.ndarray | list[np.ndarray] | PreparedData,
         starts: np.ndarray,
         *,
         seq_len: int,
@@ -143,7 +156,7 @@ class WindowStream(IterableDataset):
                 f"{len(starts)} pre-tokenized windows cannot fill a batch of {batch_size} on each of {world_size} "
                 "ranks; lower batch_size or seq_len, or add data"
             )
-        self.tokens = tokens if isinstance(tokens, list) else [tokens]
+        self.tokens = [tokens] if isinstance(tokens, np.ndarray) else tokens
         self.starts = starts
         self.files = files if files is not None else np.zeros(len(starts), dtype=np.int32)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
