@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from lmrecipes.data.filters import FilterPipeline, _content_digest
 from lmrecipes.data.pretokenize import cache_key, encode_batch, tokenizer_fingerprint
@@ -255,8 +256,6 @@ def check_num_proc(num_proc) -> None:
 
 def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path:
     """Build (or finish building) the prepared folder ``output`` for ``spec`` with ``num_proc`` processes."""
-    import datasets
-
     from lmrecipes.data.stream import load_tokenizer
 
     check_num_proc(num_proc)
@@ -271,6 +270,17 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
         )
     if (output / MANIFEST).exists():
         return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Nodes that share a filesystem each run prepare_data: one builds, the others then find the manifest.
+    with FileLock(f"{output}.lock"):
+        if not (output / MANIFEST).exists():
+            _build(spec, output, tokenizer, key, fingerprint, num_proc)
+    return output
+
+
+def _build(spec: PrepareSpec, output: Path, tokenizer, key: dict, fingerprint: str, num_proc: int) -> None:
+    import datasets
+
     work = output / "work"
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "key.json", {"fingerprint": fingerprint, "key": key})
@@ -299,7 +309,6 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
     for stale in output.glob("*.tmp*"):  # half-written files of a killed build
         stale.unlink()
     shutil.rmtree(work)
-    return output
 
 
 def ensure_prepared(root: str | Path, spec: PrepareSpec, tokenizer) -> Path:
