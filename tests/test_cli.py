@@ -335,4 +335,5 @@ def test_pretokenized_mode_builds_the_cache_once_and_trains(code_tree, tmp_path,
             "2",
         )
     )
-    assert len(list((tmp_path / ".cache/lmrecipes").glob("*/manifest.json"))) == 2  # packing changed: new cache
+    caches = list((tmp_path / ".cache/lmrecipes").glob("*/manifest.json"))
+    assert len(caches) == 2  # packing changed: new cache

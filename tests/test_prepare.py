@@ -25,7 +25,7 @@ from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.cli import main
 from lmrecipes.data.clm import CodeDataModule
 from lmrecipes.data.filters import FilterPipeline
-from lmrecipes.data.prepare import PrepareSpec, first_occurrences, prepare
+from lmrecipes.data.prepare import PrepareSpec, ensure_prepared, first_occurrences, prepare
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import encode_batch, tokenizer_fingerprint
 from lmrecipes.data.sources import open_source
@@ -254,3 +254,41 @@ def test_a_hub_id_offline_names_the_key(monkeypatch):
         ValueError, match=r"HF_HUB_OFFLINE=1 .* data\.init_args\.packing\.prepared='someone/code-prepared'"
     ):
         PreparedData("someone/code-prepared")
+
+
+@pytest.mark.parametrize("mode", ["concat", "overflow"])
+def test_prepared_windows_equal_packed_windows(corpus, tmp_path, mode):
+    """One shard, no dedup: the windows of the folder are exactly what the streaming packer cuts."""
+    from test_packing import concat_windows, overflow_chunks
+
+    tree, tok = corpus
+    tokenizer, keep = AutoTokenizer.from_pretrained(tok), FilterPipeline()
+    ids = encode_batch(tokenizer, [d["content"] for _, d in open_source(str(tree)).iter_raw() if keep(d)])
+    folder = prepare(_spec(corpus, mode=mode, dedup=False, shard_chars=10**9), tmp_path / mode)
+    data = PreparedData(folder)
+    assert data.lengths(0).tolist() == [len(i) for i in ids] and len(data) == 1
+    files, starts = data.windows(32)
+    windows = np.stack([data[f][s : s + 32] for f, s in zip(files, starts)]).astype(np.int64)
+    if mode == "concat":
+        packed = concat_windows([np.asarray(i) for i in ids], 32, tokenizer.eos_token_id)
+    else:
+        packed = np.concatenate([overflow_chunks(np.asarray(i), 32) for i in ids])
+    assert np.array_equal(windows, packed)
+
+
+def test_pretokenize_folders_are_named_by_their_inputs_reused_and_finished(corpus, tmp_path):
+    tree, tok = corpus
+    first = AutoTokenizer.from_pretrained(tok)
+    second = train_bpe_tokenizer([p.read_text() for p in sorted(tree.glob("*.py"))[:5]], vocab_size=280)
+    second.save_pretrained(tmp_path / "second")
+    specs = [_spec(corpus), _spec(corpus, tokenizer_path=str(tmp_path / "second")), _spec(corpus)]
+    folders = [ensure_prepared(tmp_path / "cache", s, t) for s, t in zip(specs, (first, second, first))]
+    assert folders[0] != folders[1] and folders[2] == folders[0]
+    assert PreparedData(folders[1]).manifest["tokenizer"] == tokenizer_fingerprint(second)
+    built = (folders[0] / "manifest.json").stat().st_mtime_ns
+    assert ensure_prepared(tmp_path / "cache", _spec(corpus), first) == folders[0]
+    assert (folders[0] / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+    assert np.array_equal(_all_tokens(folders[0]), _expected_tokens(corpus)[0])
+    (folders[0] / "manifest.json").unlink()  # shards with neither a manifest nor a build record: not trusted
+    with pytest.raises(ValueError, match=r"cache/\w+ holds other files and no manifest.json"):
+        ensure_prepared(tmp_path / "cache", _spec(corpus), first)

@@ -2,12 +2,10 @@
 
 import functools
 import itertools
-import json
 
 import numpy as np
 import pytest
 import torch
-from test_packing import concat_windows, overflow_chunks
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
@@ -15,11 +13,7 @@ from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.filters import FilterPipeline, shard_of
 from lmrecipes.data.prepared import WindowStream
 from lmrecipes.data.pretokenize import (
-    build_token_file,
     encode_batch,
-    ensure_token_file,
-    load_token_file,
-    tokenizer_fingerprint,
     window_starts,
 )
 from lmrecipes.data.sources import open_source
@@ -246,29 +240,6 @@ def test_window_starts_exact():
     assert window_starts(np.array([3, 2]), seq_len=4, mode="overflow").tolist() == []
 
 
-def test_token_file_windows_equal_packed_windows(corpus, tmp_path):
-    tree, tokenizer_path = corpus
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    docs = list(open_source(str(tree), progress=False).iter_raw())
-    ids = encode_batch(tokenizer, [d["content"] for _, d in docs])
-    for mode in ("concat", "overflow"):
-        stats = build_token_file(tmp_path / mode, docs, tokenizer, mode=mode, progress=False)
-        tokens, lengths, meta = load_token_file(tmp_path / mode)
-        assert meta == stats == {"documents": 40, "tokens": sum(map(len, ids)), "dtype": "uint16"}
-        assert lengths.tolist() == [len(i) for i in ids]
-        joined = (
-            _joined(list(enumerate(ids)), tokenizer.eos_token_id) if mode == "concat" else np.concatenate(ids)
-        )
-        assert np.array_equal(np.asarray(tokens), joined)
-        starts = window_starts(lengths, seq_len=SEQ_LEN, mode=mode)
-        windows = np.stack([tokens[s : s + SEQ_LEN] for s in starts]).astype(np.int64)
-        if mode == "concat":
-            packed = concat_windows([np.asarray(i) for i in ids], SEQ_LEN, tokenizer.eos_token_id)
-        else:
-            packed = np.concatenate([overflow_chunks(np.asarray(i), SEQ_LEN) for i in ids])
-        assert np.array_equal(windows, packed)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_window_stream_uses_every_window_exactly_once_per_epoch(world_size, workers):
@@ -315,39 +286,6 @@ def test_window_stream_resume_and_too_small():
             assert torch.equal(got["position"], want["position"]), k
     with pytest.raises(ValueError, match="cannot fill a batch"):
         WindowStream(tokens, starts[:9], seq_len=4, batch_size=5, seed=0, rank=0, world_size=2)
-
-
-def test_ensure_token_file_cache_keys_and_partial_builds(corpus, tmp_path):
-    tree, tokenizer_path = corpus
-    docs = list(open_source(str(tree), progress=False).iter_raw())[:12]
-    texts = [d["content"] for _, d in docs]
-    first = AutoTokenizer.from_pretrained(tokenizer_path)
-    second = train_bpe_tokenizer(texts, vocab_size=270, progress=False)
-    builds = []
-
-    def make_docs():
-        builds.append(1)
-        return iter(docs)
-
-    folders = []
-    for tokenizer in (first, second, first):
-        key = {"source": "tree", "tokenizer": tokenizer_fingerprint(tokenizer), "packing": "concat"}
-        folders.append(ensure_token_file(tmp_path, key, make_docs, tokenizer, mode="concat", progress=False))
-    assert folders[0] != folders[1] and folders[2] == folders[0]
-    assert len(builds) == 2  # the third call reused the first cache
-    assert json.loads((folders[1] / "key.json").read_text())["tokenizer"] == tokenizer_fingerprint(second)
-    for folder, tokenizer in ((folders[0], first), (folders[1], second)):
-        tokens, lengths, _ = load_token_file(folder)
-        ids = encode_batch(tokenizer, texts)
-        assert np.array_equal(np.asarray(tokens), _joined(list(enumerate(ids)), tokenizer.eos_token_id))
-    # An interrupted build (metadata written, tokens.bin never renamed into place) is built again.
-    key = {"source": "tree", "tokenizer": tokenizer_fingerprint(first), "packing": "concat"}
-    (folders[0] / "tokens.bin").rename(folders[0] / "tokens.bin.tmp123")
-    assert ensure_token_file(tmp_path, key, make_docs, first, mode="concat", progress=False) == folders[0]
-    assert len(builds) == 3
-    tokens, _, _ = load_token_file(folders[0])
-    expected = _joined(list(enumerate(encode_batch(first, texts))), first.eos_token_id)
-    assert np.array_equal(np.asarray(tokens), expected)
 
 
 def test_is_heldout_is_stable_and_near_the_fraction():

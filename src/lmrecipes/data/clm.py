@@ -212,9 +212,6 @@ class CodeDataModule(pl.LightningDataModule):
             **sizes,
         )
 
-    def _cache_key(self) -> dict:
-        return self.prepare_spec().key(self.tokenizer)
-
     def prepare_data(self) -> None:
         if self.packing.pretokenize and self.packing.prepared is None:
             ensure_prepared(Path(self.packing.cache_dir), self.prepare_spec(), self.tokenizer)

@@ -1,22 +1,15 @@
-"""Tokenize a corpus once into a memory-mapped token file that later runs reuse.
-
-The cache folder is named by a fingerprint of everything that decides its content (source, filters, held-out
-split, tokenizer, packing mode; window starts are computed at load time, so any sequence length reuses it), so a
-changed source or tokenizer builds a new one instead of silently reusing stale tokens. Files are written under a temporary name and renamed, so an interrupted build
-never leaves a half-written cache that a later run would trust.
-"""
+"""Tokenization helpers shared by the streamed and pre-tokenized paths: batched whole-document encoding, the
+tokenizer's fingerprint and cache keys, and the start of every training window in a token stream (computed at
+load time, so prepared data serves any sequence length). Prepared folders: ``data/prepare.py``."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lmrecipes.data.sources import sanitize_text
 
@@ -82,54 +75,3 @@ def window_starts(doc_lengths: np.ndarray, *, seq_len: int, mode: str) -> np.nda
         np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks)
     )
     return starts.astype(np.int64)
-
-
-def build_token_file(
-    folder: Path,
-    docs: Iterable[tuple[int, dict]],
-    tokenizer,
-    *,
-    mode: str,
-    progress: bool = True,
-) -> dict:
-    """Write ``tokens.bin`` (uint16/uint32) and ``doc_lengths.npy`` into ``folder`` atomically; returns stats."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
-    tmp = folder / f"tokens.bin.tmp{os.getpid()}"
-    lengths = []
-    with open(tmp, "wb") as out, tqdm(desc="pre-tokenizing", unit=" docs", disable=not progress) as bar:
-        for _, ids in tokenize_groups(docs, tokenizer):
-            if mode == "concat":
-                ids = [*ids, tokenizer.eos_token_id]
-            np.asarray(ids, dtype=dtype).tofile(out)
-            lengths.append(len(ids) - (mode == "concat"))
-            bar.update()
-    np.save(folder / "doc_lengths.npy", np.asarray(lengths, dtype=np.int64))
-    stats = {"documents": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name}
-    (folder / "meta.json").write_text(json.dumps(stats))
-    os.replace(tmp, folder / "tokens.bin")  # last: its presence marks a complete cache
-    return stats
-
-
-def load_token_file(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(memory-mapped tokens, per-document lengths, stats) of a finished cache."""
-    meta = json.loads((folder / "meta.json").read_text())
-    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
-    return tokens, np.load(folder / "doc_lengths.npy"), meta
-
-
-def ensure_token_file(
-    root: Path,
-    key_parts: dict,
-    make_docs: Callable[[], Iterable[tuple[int, dict]]],
-    tokenizer,
-    *,
-    mode: str,
-    progress: bool = True,
-) -> Path:
-    """The cache folder for ``key_parts``, building it first when it is missing or incomplete."""
-    folder = Path(root) / cache_key(key_parts)
-    if not (folder / "tokens.bin").exists():
-        build_token_file(folder, make_docs(), tokenizer, mode=mode, progress=progress)
-        (folder / "key.json").write_text(json.dumps(key_parts, indent=2, sort_keys=True))
-    return folder
