@@ -179,6 +179,12 @@ def test_training_from_a_prepared_folder_resumes_exactly(code_tree, tmp_path, mo
     for step in range(6):
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
     assert not (straight / ".cache").exists()  # read from the prepared folder, nothing tokenized again
+    other = Path(shutil.copytree(prep, tmp_path / "other"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"fingerprint": "0123456789abcdef"}))
+    resume_other = [*common[:-1], str(other), "--trainer.max_steps", "8", "--ckpt_path", "last"]
+    with pytest.raises(ValueError, match=rf"pretokenize: '{manifest['fingerprint']}' -> '0123456789abcdef'"):
+        main(fit_args(code_tree, resumed, *resume_other))
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:

@@ -365,11 +365,15 @@ class CodeDataModule(pl.LightningDataModule):
             "packing": p.mode,
             # streamed positions are per DataLoader worker; pre-tokenized ones are one count for all
             "num_workers": None if p.pretokenize or p.prepared else max(1, loader.num_workers),
-            "pretokenize": p.pretokenize if p.prepared is None else f"prepared:{p.prepared}",
+            "pretokenize": p.pretokenize if p.prepared is None else self._prepared_fingerprint(),
             "shuffle_seed": self._shuffle_seed(),
             "source": self._source_fingerprint(),
             "filters": [f.keywords, f.quality_filter, f.dedup, self._heldout()],
         }
+
+    def _prepared_fingerprint(self) -> str:
+        """A prepared folder is named in a saved position by its content: it may move, it may not change."""
+        return PreparedData(self.packing.prepared).manifest["fingerprint"]
 
     def _shuffle_seed(self) -> int:
         """``loader.shuffle_seed``; when None, the run's ``seed_everything`` value (a resume keeps the saved one)."""
