@@ -298,3 +298,10 @@ def test_pretokenize_folders_are_named_by_their_inputs_reused_and_finished(corpu
     (folders[0] / "manifest.json").unlink()  # shards with neither a manifest nor a build record: not trusted
     with pytest.raises(ValueError, match=r"cache/\w+ holds other files and no manifest.json"):
         ensure_prepared(tmp_path / "cache", _spec(corpus), first)
+
+
+def test_filters_that_keep_nothing_are_named(corpus, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"no training document passed the filters \(kept 0 of \d+ documents"
+    ):
+        prepare(_spec(corpus, keywords=["no-such-keyword-anywhere"]), tmp_path / "empty")

@@ -128,6 +128,11 @@ def _kept_documents(spec: PrepareSpec, counts: dict):
         if is_heldout(doc, spec.heldout_fraction) or not filters(doc):
             continue
         yield {"content": doc["content"], "digest": digest64(doc["content"]), "chars": len(doc["content"])}
+    if filters.counts["kept"] == 0:  # raised here: datasets' own error for an empty generator names nothing
+        raise ValueError(
+            f"no training document passed the filters ({filters.summary()}): check data.source.train_source, "
+            "data.source.heldout_fraction and data.filters"
+        )
     counts.update(filters.counts)
 
 
@@ -160,8 +165,6 @@ def build_documents(spec: PrepareSpec, work: Path) -> dict:
     digests = np.asarray(docs.data.column("digest").to_numpy(), dtype=np.int64)  # (docs,) 8 bytes each
     keep = first_occurrences(digests) if spec.dedup else np.arange(len(digests))
     del digests
-    if len(keep) == 0:
-        raise ValueError(f"the filters kept no training documents of {counts.get('seen', 0)} read: {counts}")
     docs.select(keep).save_to_disk(str(work / "docs"))
     stats = {"seen": counts["seen"], "kept_by_filters": counts["kept"], "documents": int(len(keep))}
     stats["duplicates"] = stats["kept_by_filters"] - stats["documents"]
