@@ -68,6 +68,10 @@ def inspect_checkpoint(path: str | Path, *, training: bool = True) -> tuple[str 
     bit-flipped tensor without complaint) counts as damaged; any other load error is reported, not condemned.
     """
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (FSDP2): its completion marker and files decide
+        from lmrecipes.checkpoints_sharded import inspect_sharded
+
+        return inspect_sharded(path, training=training)
     try:
         damage, is_zip = _zip_damage(path)
         if damage is not None:
@@ -143,7 +147,7 @@ def newest_valid(
             try:
                 path.replace(path.with_name(path.name + ".corrupt"))
                 problem += f" (renamed to {path.name}.corrupt)"
-            except FileNotFoundError:
+            except OSError:  # gone already, or a folder whose .corrupt name is taken: skipping it is enough
                 pass
         skipped.append(f"{path}: {problem}")
     return None, skipped

@@ -69,6 +69,9 @@ class RecipeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_batch_sizes(config)
         check_hub_values(config)
+        from lmrecipes.sharding import check_strategy
+
+        check_strategy(config.get("trainer.strategy"))  # also registers `fsdp2` before the Trainer looks it up
 
     def instantiate_trainer(self, **kwargs):
         """The config's trainer with the run's default callbacks, loggers and checkpoint I/O (``defaults.py``)."""

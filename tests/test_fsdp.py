@@ -1,0 +1,120 @@
+"""FSDP2 (``--trainer.strategy fsdp2``) through the real CLI with 2 gloo processes on CPU: the same losses as DDP,
+sharded checkpoints written atomically (an unfinished one is skipped by ``--ckpt_path last``, a missing rank's file
+is named), exact resume after SIGTERM, and the export of a sharded checkpoint into a folder ``pipeline`` loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from faults import read_log
+from test_cli import fit_args
+from test_resilience import (
+    CKPTS,
+    assert_same_batches_and_losses,
+    callbacks_config,
+    chain_args,
+    run_cli,
+    signal_at,
+)
+
+from lmrecipes.checkpoints import resolve_ckpt_path
+from lmrecipes.checkpoints_sharded import MARKER
+from lmrecipes.sharding import block_class_name, check_strategy
+
+TWO_CPUS = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+FSDP2 = ["--trainer.strategy", "fsdp2", *TWO_CPUS]
+DDP = ["--trainer.strategy", "ddp", *TWO_CPUS]
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp2_runs(code_tree, tmp_path_factory) -> dict[str, Path]:
+    """The same 10 steps (gradient clipping on) under DDP and under FSDP2, each logging every rank's losses."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tok = root / "tok"
+    runs = {}
+    for name, launch in (("ddp", DDP), ("fsdp2", FSDP2)):
+        run = root / name
+        run.mkdir()
+        config = callbacks_config(run / "cb.yaml", run / "log", every=5)
+        args = fit_args(code_tree, run, "--data.init_args.tokenizer", str(tok), "--config", config,
+                        "--trainer.max_steps", "10", "--trainer.limit_val_batches", "0", *launch)  # fmt: skip
+        proc = run_cli(args, run)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = run
+    return runs
+
+
+@pytest.mark.slow
+def test_fsdp2_gives_the_losses_of_ddp_and_writes_complete_sharded_checkpoints(ddp_and_fsdp2_runs):
+    ddp, fsdp2 = (read_log(ddp_and_fsdp2_runs[k] / "log") for k in ("ddp", "fsdp2"))
+    assert sorted(fsdp2) == [0, 1]
+    for rank in (0, 1):
+        assert [r["step"] for r in fsdp2[rank]] == list(range(1, 11))
+        assert [r["hash"] for r in fsdp2[rank]] == [r["hash"] for r in ddp[rank]]  # the same batches
+        for a, b in zip(ddp[rank], fsdp2[rank]):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"rank {rank} step {a['step']}"
+    last = ddp_and_fsdp2_runs["fsdp2"] / CKPTS / "last.ckpt"
+    assert last.is_dir()
+    marker = json.loads((last / MARKER).read_text())
+    assert marker["world_size"] == 2 and marker["global_step"] == 10
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= set(marker["files"])
+    meta = torch.load(last / "meta.pt", weights_only=True)  # every rank's RNG states, loadable weights-only
+    assert len(meta["lmrecipes"]["rng"]) == 2
+    assert [r["consumed"] for r in meta["CodeDataModule"]["ranks"]] == [10, 10]  # both ranks' data positions
+    assert not list(last.parent.glob(".*"))  # no temporary folder left behind
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_missing_a_rank_file_is_named(ddp_and_fsdp2_runs, tmp_path):
+    broken = tmp_path / "step5.ckpt"
+    shutil.copytree(ddp_and_fsdp2_runs["fsdp2"] / CKPTS / "step5.ckpt", broken)
+    assert resolve_ckpt_path(str(broken), None) == str(broken)
+    (broken / "__1_0.distcp").unlink()
+    with pytest.raises(ValueError, match=r"missing __1_0\.distcp \(rank 1's shard of 2\)"):
+        resolve_ckpt_path(str(broken), None)
+
+
+def test_unknown_strategy_and_unknown_block_class_are_named():
+    with pytest.raises(ValueError, match=r"'fdsp2' is not a known strategy; accepted: auto, .*fsdp2"):
+        check_strategy("fdsp2")
+    check_strategy("fsdp2")
+    check_strategy("ddp")
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tiny = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2,
+                                    vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=16))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"block of OPTForCausalLM \(model_type 'opt'\); known: gpt2 \(GPT2Block\)"
+    ):
+        block_class_name(tiny)
+
+
+@pytest.mark.slow
+def test_fsdp2_sigterm_resume_is_exact_and_an_unfinished_checkpoint_is_skipped(code_tree, tmp_path):
+    """Uninterrupted 8 FSDP2 steps vs: SIGTERM on rank 1 mid step 4 (both ranks finish step 4, save, exit 143);
+    last.ckpt's marker removed as by a kill before the save finished; resume skips it (named), restarts from
+    step2.ckpt and reproduces every batch and loss of the uninterrupted run."""
+    tok, straight, chain = tmp_path / "tok", tmp_path / "straight", tmp_path / "chain"
+    for run in (straight, chain):
+        run.mkdir()
+    done = run_cli(chain_args(code_tree, straight, tok, callbacks_config(straight / "cb.yaml", straight / "log"),
+                              *FSDP2), straight)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = chain / "log"
+    term = callbacks_config(chain / "term.yaml", log, signal_at("SIGTERM", batch=6, rank=1))
+    first = run_cli(chain_args(code_tree, chain, tok, term, *FSDP2), chain)
+    assert first.returncode == 143, first.stderr[-3000:]
+    last = chain / CKPTS / "last.ckpt"
+    assert json.loads((last / MARKER).read_text())["global_step"] == 4
+    (last / MARKER).unlink()
+    resumed = callbacks_config(chain / "resume.yaml", log)
+    second = run_cli(chain_args(code_tree, chain, tok, resumed, *FSDP2, "--ckpt_path", "last"), chain)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{last}: incomplete sharded checkpoint (no {MARKER}: its save did not finish)" in second.stderr
+    assert f"resuming from {chain / CKPTS / 'step2.ckpt'}" in second.stderr
+    assert json.loads((last / MARKER).read_text())["global_step"] == 8
+    assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
