@@ -71,7 +71,8 @@ class RecipeCLI(LightningCLI):
         check_hub_values(config)
         from lmrecipes.sharding import check_strategy
 
-        check_strategy(config.get("trainer.strategy"))  # also registers `fsdp2` before the Trainer looks it up
+        # also registers `fsdp2` before the Trainer looks the name up
+        check_strategy(config.get("trainer.strategy"))
 
     def instantiate_trainer(self, **kwargs):
         """The config's trainer with the run's default callbacks, loggers and checkpoint I/O (``defaults.py``)."""
