@@ -118,3 +118,23 @@ def test_fsdp2_sigterm_resume_is_exact_and_an_unfinished_checkpoint_is_skipped(c
     assert f"resuming from {chain / CKPTS / 'step2.ckpt'}" in second.stderr
     assert json.loads((last / MARKER).read_text())["global_step"] == 8
     assert_same_batches_and_losses(read_log(straight / "log"), read_log(log))
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_exports_to_a_folder_pipeline_loads_with_the_weights_ddp_trained(
+    ddp_and_fsdp2_runs, tmp_path
+):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from lmrecipes.export import export_command
+
+    exported = {}
+    for name, run in ddp_and_fsdp2_runs.items():
+        out = export_command(str(run / CKPTS / "last.ckpt"), str(tmp_path / name))
+        exported[name] = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert exported["fsdp2"].keys() == exported["ddp"].keys()
+    for key, weight in exported["ddp"].items():  # 10 steps of FSDP2 training = 10 steps of DDP training
+        torch.testing.assert_close(exported["fsdp2"][key], weight, rtol=0, atol=1e-5, msg=key)
+    generator = pipeline("text-generation", model=str(tmp_path / "fsdp2"), device="cpu")
+    text = generator("import pandas as pd\n", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("import pandas as pd\n") and len(text) > len("import pandas as pd\n")

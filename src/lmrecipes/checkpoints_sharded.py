@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,3 +151,37 @@ def inspect_sharded(folder: str | Path, *, training: bool = True) -> tuple[str |
 def is_sharded(path: str | Path) -> bool:
     """A checkpoint folder (finished or not), as opposed to a single file."""
     return Path(path).is_dir()
+
+
+def load_sharded(folder: str | Path) -> dict:
+    """A finished sharded checkpoint as one single-file-style dict on CPU, in one process: ``meta.pt`` (loaded
+    with ``weights_only=True``) plus the full model weights under ``state_dict``, assembled from every rank's
+    shard (no optimizer states: export and evaluation need none). ValueError naming what is wrong with it."""
+    folder = Path(folder)
+    problem, _ = inspect_sharded(folder, training=False)
+    if problem is not None:
+        raise ValueError(f"{folder}: {problem}")
+    checkpoint = torch.load(folder / META, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = full_model_state(folder)
+    return checkpoint
+
+
+def full_model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a DCP folder, unsharded: empty tensors shaped from its index, filled by DCP."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = FileSystemReader(folder).read_metadata().state_dict_metadata
+    prefix = (
+        "state_dict."  # Lightning saves {"state_dict": ..., "optimizer_0": ...}; DCP joins keys with dots
+    )
+    weights = {
+        key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in index.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    state = {"state_dict": weights}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load(state, checkpoint_id=folder, no_dist=True)  # one process reads every rank's file
+    return state["state_dict"]

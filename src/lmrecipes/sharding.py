@@ -106,6 +106,13 @@ def block_class_name(model: torch.nn.Module) -> str:
     return BLOCK_CLASSES[model_type]
 
 
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The class ``model`` had before ``fully_shard``, which swaps in a subclass (``FSDPGPT2LMHeadModel``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def mixed_precision(precision: str):
     """bf16 parameters in compute with fp32 gradient reduction when the run asks for bf16; else None (fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
