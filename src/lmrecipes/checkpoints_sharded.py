@@ -162,26 +162,26 @@ def load_sharded(folder: str | Path) -> dict:
     if problem is not None:
         raise ValueError(f"{folder}: {problem}")
     checkpoint = torch.load(folder / META, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = full_model_state(folder)
+    checkpoint["state_dict"] = full_state(folder)
     return checkpoint
 
 
-def full_model_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a DCP folder, unsharded: empty tensors shaped from its index, filled by DCP."""
+def full_state(folder: Path, prefix: str = "state_dict.") -> dict[str, torch.Tensor]:
+    """The tensors of a DCP folder whose flat key starts with ``prefix``, unsharded, keyed by the rest of the key:
+    empty tensors shaped from its index, filled by DCP. Lightning saves ``{"state_dict": ..., "optimizer_0":
+    ...}`` and DCP joins nested keys with dots: ``state_dict.`` gives the model weights, ``optimizer_0.state.`` the
+    first optimizer's per-parameter states (``<parameter>.exp_avg``...)."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     index = FileSystemReader(folder).read_metadata().state_dict_metadata
-    prefix = (
-        "state_dict."  # Lightning saves {"state_dict": ..., "optimizer_0": ...}; DCP joins keys with dots
-    )
-    weights = {
+    tensors = {
         key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
         for key, item in index.items()
         if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
     }
-    state = {"state_dict": weights}
+    state = {prefix.rstrip("."): tensors}  # flattened by DCP to prefix + key again
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load(state, checkpoint_id=folder, no_dist=True)  # one process reads every rank's file
-    return state["state_dict"]
+    return tensors

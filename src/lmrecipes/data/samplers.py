@@ -172,13 +172,18 @@ class TrainPosition:
 
 def align_lightning(trainer: pl.Trainer | None, batches: int) -> None:
     """Make Lightning count ``batches`` of the epoch as done: after a resize its restored count is in batches of the
-    old world size, and it ends the epoch when done + yielded reaches ``len(loader)`` (this world's whole epoch)."""
+    old world size, and it ends the epoch when its count reaches ``len(loader)`` (this world's whole epoch)."""
     loop = getattr(trainer, "fit_loop", None)
     if loop is None:
         return
-    # Private: no public setter for a resumed epoch's progress; tests/test_fsdp.py fails if Lightning renames it.
+    # Private: no public setter for a resumed epoch's progress. Called from the sampler's first pass, i.e. while
+    # Lightning fetches the resumed epoch's first batch: its fetcher has counted the restored batches as fetched
+    # (and ends the epoch on that count), so both move. tests/test_reshard.py fails if Lightning renames them.
     current = loop.epoch_loop.batch_progress.current
     current.ready = current.started = current.processed = current.completed = batches
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is not None:
+        fetcher.fetched = batches
 
 
 class ExactlyOnceSampler(DistributedSampler):
