@@ -138,3 +138,15 @@ def test_a_sharded_checkpoint_exports_to_a_folder_pipeline_loads_with_the_weight
     generator = pipeline("text-generation", model=str(tmp_path / "fsdp2"), device="cpu")
     text = generator("import pandas as pd\n", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("import pandas as pd\n") and len(text) > len("import pandas as pd\n")
+
+
+@pytest.mark.slow
+def test_the_streamed_clm_recipe_refuses_to_resume_on_another_world_size(ddp_and_fsdp2_runs, code_tree):
+    # Its position is per (rank, worker) shard stream: it cannot be converted to another number of streams.
+    run = ddp_and_fsdp2_runs["fsdp2"]
+    args = fit_args(code_tree, run, "--data.init_args.tokenizer", str(run.parent / "tok"),
+                    "--trainer.max_steps", "12", "--trainer.strategy", "fsdp2", "--trainer.devices", "1",
+                    "--trainer.accelerator", "cpu", "--ckpt_path", str(run / CKPTS / "step5.ckpt"))  # fmt: skip
+    proc = run_cli(args, run)
+    assert proc.returncode != 0
+    assert "cannot resume the data position" in proc.stderr and "world_size: 2 -> 1" in proc.stderr
