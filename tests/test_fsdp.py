@@ -28,6 +28,11 @@ from lmrecipes.sharding import block_class_name, check_strategy
 TWO_CPUS = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 FSDP2 = ["--trainer.strategy", "fsdp2", *TWO_CPUS]
 DDP = ["--trainer.strategy", "ddp", *TWO_CPUS]
+# The end-of-fit report evaluates and exports on rank 0 alone: under FSDP2 the shards are gathered for it first.
+REPORT = {
+    "class_path": "lmrecipes.callbacks.RecipeReport",
+    "init_args": {"prompts": ["import pandas"], "max_batches": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def ddp_and_fsdp2_runs(code_tree, tmp_path_factory) -> dict[str, Path]:
     for name, launch in (("ddp", DDP), ("fsdp2", FSDP2)):
         run = root / name
         run.mkdir()
-        config = callbacks_config(run / "cb.yaml", run / "log", every=5)
+        config = callbacks_config(run / "cb.yaml", run / "log", REPORT, every=5)
         args = fit_args(code_tree, run, "--data.init_args.tokenizer", str(tok), "--config", config,
                         "--trainer.max_steps", "10", "--trainer.limit_val_batches", "0", *launch)  # fmt: skip
         proc = run_cli(args, run)
@@ -132,9 +137,14 @@ def test_a_sharded_checkpoint_exports_to_a_folder_pipeline_loads_with_the_weight
     for name, run in ddp_and_fsdp2_runs.items():
         out = export_command(str(run / CKPTS / "last.ckpt"), str(tmp_path / name))
         exported[name] = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    assert exported["fsdp2"].keys() == exported["ddp"].keys()
-    for key, weight in exported["ddp"].items():  # 10 steps of FSDP2 training = 10 steps of DDP training
-        torch.testing.assert_close(exported["fsdp2"][key], weight, rtol=0, atol=1e-5, msg=key)
+        report = (
+            run / "runs/clm-offline/export"
+        )  # written by the end-of-fit report from the live (sharded) model
+        exported[f"{name} report"] = AutoModelForCausalLM.from_pretrained(report).state_dict()
+    for name in ("fsdp2", "ddp report", "fsdp2 report"):
+        assert exported[name].keys() == exported["ddp"].keys()
+        for key, weight in exported["ddp"].items():  # 10 steps of FSDP2 training = 10 steps of DDP training
+            torch.testing.assert_close(exported[name][key], weight, rtol=0, atol=1e-5, msg=f"{name}: {key}")
     generator = pipeline("text-generation", model=str(tmp_path / "fsdp2"), device="cpu")
     text = generator("import pandas as pd\n", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("import pandas as pd\n") and len(text) > len("import pandas as pd\n")

@@ -159,3 +159,22 @@ def configure_sharding(module) -> None:
         checkpointing=strategy.activation_checkpointing,
         precision=trainer.precision,
     )
+
+
+def unsharded_module(module):
+    """``module`` with whole weights, for what runs on rank 0 alone (the end-of-fit report, its export): under
+    FSDP2 every rank must call this (it gathers the shards) and rank 0 gets a plain copy of the module built from
+    its hyper-parameters, the others None; under any other strategy, ``module`` itself."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    trainer = module.trainer
+    if not isinstance(trainer.strategy, FSDP2Strategy):
+        return module
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=options)  # a collective: rank 0 receives the whole model
+    if not trainer.is_global_zero:
+        return None
+    # as load_from_checkpoint rebuilds a module (LightningCLI adds its own "_class_path" entry)
+    copy = type(module)(**{k: v for k, v in module.hparams.items() if not k.startswith("_")})
+    copy.load_state_dict(weights)
+    return copy.to(trainer.strategy.root_device).train(module.training)
