@@ -23,11 +23,14 @@ from test_resilience import (
 
 from lmrecipes.checkpoints import resolve_ckpt_path
 from lmrecipes.checkpoints_sharded import MARKER
-from lmrecipes.sharding import block_class_name, check_strategy
+from lmrecipes.sharding import block_class_name, check_strategy, mixed_precision
 
 TWO_CPUS = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 FSDP2 = ["--trainer.strategy", "fsdp2", *TWO_CPUS]
 DDP = ["--trainer.strategy", "ddp", *TWO_CPUS]
+# the options through the class path: gathered weights kept until backward (ZeRO-2), each block recomputed
+ZERO2 = ["--trainer.strategy", "lmrecipes.sharding.FSDP2Strategy", "--trainer.strategy.reshard_after_forward", "false",
+         "--trainer.strategy.activation_checkpointing", "true", *TWO_CPUS]  # fmt: skip
 # The end-of-fit report evaluates and exports on rank 0 alone: under FSDP2 the shards are gathered for it first.
 REPORT = {
     "class_path": "lmrecipes.callbacks.RecipeReport",
@@ -41,7 +44,7 @@ def ddp_and_fsdp2_runs(code_tree, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     tok = root / "tok"
     runs = {}
-    for name, launch in (("ddp", DDP), ("fsdp2", FSDP2)):
+    for name, launch in (("ddp", DDP), ("fsdp2", FSDP2), ("zero2", ZERO2)):
         run = root / name
         run.mkdir()
         config = callbacks_config(run / "cb.yaml", run / "log", REPORT, every=5)
@@ -55,13 +58,15 @@ def ddp_and_fsdp2_runs(code_tree, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_fsdp2_gives_the_losses_of_ddp_and_writes_complete_sharded_checkpoints(ddp_and_fsdp2_runs):
-    ddp, fsdp2 = (read_log(ddp_and_fsdp2_runs[k] / "log") for k in ("ddp", "fsdp2"))
-    assert sorted(fsdp2) == [0, 1]
-    for rank in (0, 1):
-        assert [r["step"] for r in fsdp2[rank]] == list(range(1, 11))
-        assert [r["hash"] for r in fsdp2[rank]] == [r["hash"] for r in ddp[rank]]  # the same batches
-        for a, b in zip(ddp[rank], fsdp2[rank]):
-            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"rank {rank} step {a['step']}"
+    ddp = read_log(ddp_and_fsdp2_runs["ddp"] / "log")
+    for name in ("fsdp2", "zero2"):
+        fsdp2 = read_log(ddp_and_fsdp2_runs[name] / "log")
+        assert sorted(fsdp2) == [0, 1]
+        for rank in (0, 1):
+            assert [r["step"] for r in fsdp2[rank]] == list(range(1, 11))
+            assert [r["hash"] for r in fsdp2[rank]] == [r["hash"] for r in ddp[rank]]  # the same batches
+            for a, b in zip(ddp[rank], fsdp2[rank]):
+                assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"{name} rank {rank} step {a['step']}"
     last = ddp_and_fsdp2_runs["fsdp2"] / CKPTS / "last.ckpt"
     assert last.is_dir()
     marker = json.loads((last / MARKER).read_text())
@@ -81,6 +86,13 @@ def test_a_sharded_checkpoint_missing_a_rank_file_is_named(ddp_and_fsdp2_runs, t
     (broken / "__1_0.distcp").unlink()
     with pytest.raises(ValueError, match=r"missing __1_0\.distcp \(rank 1's shard of 2\)"):
         resolve_ckpt_path(str(broken), None)
+
+
+def test_bf16_asks_for_bf16_parameters_and_fp32_gradient_reduction():
+    policy = mixed_precision("bf16-mixed")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision("bf16-true").param_dtype == torch.bfloat16
+    assert mixed_precision("32-true") is None and mixed_precision("16-mixed") is None
 
 
 def test_unknown_strategy_and_unknown_block_class_are_named():
@@ -134,7 +146,8 @@ def test_a_sharded_checkpoint_exports_to_a_folder_pipeline_loads_with_the_weight
     from lmrecipes.export import export_command
 
     exported = {}
-    for name, run in ddp_and_fsdp2_runs.items():
+    for name in ("ddp", "fsdp2"):
+        run = ddp_and_fsdp2_runs[name]
         out = export_command(str(run / CKPTS / "last.ckpt"), str(tmp_path / name))
         exported[name] = AutoModelForCausalLM.from_pretrained(out).state_dict()
         report = (

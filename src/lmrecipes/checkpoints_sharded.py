@@ -38,7 +38,7 @@ def save_atomically(strategy, checkpoint: dict, path: Path, storage_options) -> 
     if strategy.global_rank == 0:
         remove(tmp)  # left by a save that was killed
     strategy.barrier("lmrecipes-sharded-save-begin")
-    strategy._save_sharded(checkpoint, tmp, storage_options)
+    strategy.write_shards(checkpoint, tmp, storage_options)
     strategy.barrier("lmrecipes-sharded-save-written")  # every rank's shard is on disk
     if strategy.global_rank == 0:
         write_marker(tmp, world_size=strategy.world_size, step=step, keys=keys)
@@ -148,9 +148,13 @@ def inspect_sharded(folder: str | Path, *, training: bool = True) -> tuple[str |
     return None, False
 
 
-def is_sharded(path: str | Path) -> bool:
-    """A checkpoint folder (finished or not), as opposed to a single file."""
-    return Path(path).is_dir()
+def sharded_identity(folder: str | Path) -> str:
+    """Which save a sharded folder holds, comparable across nodes whatever their mount points."""
+    try:
+        marker = read_marker(Path(folder))
+    except ValueError as err:
+        return str(err)
+    return f"step {marker.get('global_step')}, {sum(marker['files'].values())} bytes"
 
 
 def load_sharded(folder: str | Path) -> dict:

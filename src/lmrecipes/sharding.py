@@ -66,7 +66,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         save_atomically(self, checkpoint, Path(self.broadcast(str(filepath))), storage_options)
 
-    def _save_sharded(self, checkpoint: dict, path: Path, storage_options) -> None:
+    def write_shards(self, checkpoint: dict, path: Path, storage_options) -> None:
         """Lightning's sharded save (one ``.distcp`` per rank, ``.metadata``, ``meta.pt``) into ``path``."""
         super().save_checkpoint(checkpoint, path, storage_options)
 
