@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import read_log
-from test_cli import fit_args
+from test_cli import OFFLINE, fit_args
 from test_resilience import (
     CKPTS,
     assert_same_batches_and_losses,
@@ -23,6 +23,7 @@ from test_resilience import (
 
 from lmrecipes.checkpoints import resolve_ckpt_path
 from lmrecipes.checkpoints_sharded import MARKER
+from lmrecipes.cli import main
 from lmrecipes.sharding import block_class_name, check_strategy, mixed_precision
 
 TWO_CPUS = ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -97,7 +98,7 @@ def test_bf16_asks_for_bf16_parameters_and_fp32_gradient_reduction():
 
 def test_unknown_strategy_and_unknown_block_class_are_named():
     with pytest.raises(ValueError, match=r"'fdsp2' is not a known strategy; accepted: auto, .*fsdp2"):
-        check_strategy("fdsp2")
+        main(["fit", "--config", OFFLINE, "--trainer.strategy", "fdsp2"])  # before anything is built
     check_strategy("fsdp2")
     check_strategy("ddp")
     from transformers import OPTConfig, OPTForCausalLM
