@@ -80,12 +80,18 @@ def test_fsdp2_gives_the_losses_of_ddp_and_writes_complete_sharded_checkpoints(d
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_missing_a_rank_file_is_named(ddp_and_fsdp2_runs, tmp_path):
+def test_a_sharded_checkpoint_missing_or_cutting_short_a_rank_file_is_named(ddp_and_fsdp2_runs, tmp_path):
     broken = tmp_path / "step5.ckpt"
     shutil.copytree(ddp_and_fsdp2_runs["fsdp2"] / CKPTS / "step5.ckpt", broken)
     assert resolve_ckpt_path(str(broken), None) == str(broken)
     (broken / "__1_0.distcp").unlink()
     with pytest.raises(ValueError, match=r"missing __1_0\.distcp \(rank 1's shard of 2\)"):
+        resolve_ckpt_path(str(broken), None)
+    shard = broken / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])  # cut short, as by a disk that filled up after the marker
+    with pytest.raises(
+        ValueError, match=r"__0_0\.distcp \(rank 0's shard of 2\) has \d+ bytes, the save wrote"
+    ):
         resolve_ckpt_path(str(broken), None)
 
 
