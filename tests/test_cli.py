@@ -248,7 +248,7 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
             args=args,
         )
     raw = yaml.safe_load((REPO / "configs" / "clm" / name).read_text())
-    n_layer = {"codeparrot.yaml": 48}.get(
+    n_layer = {"codeparrot.yaml": 48, "codeparrot-fsdp.yaml": 48, "offline-fsdp.yaml": 4}.get(
         name, (raw.get("model", {}).get("init_args", {}).get("config") or {}).get("n_layer", 12)
     )
     assert cli.model.model.config.n_layer == n_layer
@@ -258,6 +258,10 @@ def test_every_config_parses_and_instantiates(name, code_tree, tmp_path, monkeyp
     # the code defaults, once each: exact resume and atomic checkpoint writes
     assert sum(isinstance(c, ExactResume) for c in cli.trainer.callbacks) == 1
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    if (
+        "fsdp" in name
+    ):  # sharded checkpoints are written atomically by the strategy itself (checkpoints_sharded.py)
+        assert type(cli.trainer.strategy).__name__ == "FSDP2Strategy"
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from lmrecipes.portable import hf_model
 from lmrecipes.ranks import gather_from_ranks
@@ -150,8 +150,12 @@ class RecipeReport(pl.Callback):
             self.start_step = trainer.global_step
             self.before = evaluate_loss(pl_module, trainer.datamodule.val_dataloader(), self._limit(trainer))
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        from lmrecipes.sharding import unsharded_module
+
+        pl_module = unsharded_module(pl_module)  # FSDP2: every rank gathers the shards, rank 0 gets the model
+        if not trainer.is_global_zero:
+            return
         lines = []
         if self._limit(trainer) != 0:
             after = evaluate_loss(pl_module, trainer.datamodule.val_dataloader(), self._limit(trainer))

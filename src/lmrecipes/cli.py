@@ -70,6 +70,10 @@ class RecipeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_batch_sizes(config)
         check_hub_values(config)
+        from lmrecipes.sharding import check_strategy
+
+        # also registers `fsdp2` before the Trainer looks the name up
+        check_strategy(config.get("trainer.strategy"))
 
     def instantiate_trainer(self, **kwargs):
         """The config's trainer with the run's default callbacks, loggers and checkpoint I/O (``defaults.py``)."""

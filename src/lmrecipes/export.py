@@ -83,7 +83,8 @@ def export_command(
     """Export a checkpoint to a Hugging Face folder that ``transformers.pipeline`` loads offline.
 
     Args:
-        ckpt: checkpoint file written by ``lmrecipes fit``.
+        ckpt: checkpoint written by ``lmrecipes fit``: a file, or a sharded folder (FSDP2), whose shards are
+            assembled into the full model here, in one process.
         out: folder to create.
         overwrite: replace an existing ``out`` (otherwise an existing folder is an error and is left untouched).
         push_to_hub: also upload the folder to this Hub repo id (``create_repo`` + ``upload_folder``).

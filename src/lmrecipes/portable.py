@@ -31,6 +31,10 @@ def load_checkpoint(path: str | Path, *, require: tuple[str, ...] = ("state_dict
     """The checkpoint at ``path``, loaded on CPU with ``weights_only=True``; a ``ValueError`` that names the path
     when it is missing, not a checkpoint at all, damaged (``DamagedCheckpoint``), or lacks a ``require`` entry."""
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (FSDP2): its shards assembled into one state dict
+        from lmrecipes.checkpoints_sharded import load_sharded
+
+        return _require(path, load_sharded(path), require)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file (looked in {path.resolve()})")
     with open(path, "rb") as f:
@@ -44,6 +48,10 @@ def load_checkpoint(path: str | Path, *, require: tuple[str, ...] = ("state_dict
     except (zipfile.BadZipFile, RuntimeError, EOFError) as err:
         first = str(err).splitlines()[0][:160] if str(err) else ""
         raise DamagedCheckpoint(f"{path} is truncated or corrupt ({type(err).__name__}: {first})") from None
+    return _require(path, checkpoint, require)
+
+
+def _require(path: Path, checkpoint, require: tuple[str, ...]) -> dict:
     missing = [k for k in require if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise not_ours(path, f"no {' or '.join(repr(k) for k in missing)} entry")
@@ -71,9 +79,11 @@ def hf_model(module: torch.nn.Module) -> torch.nn.Module:
 def portable_contents(module) -> dict:
     """What :func:`hf_from_checkpoint` needs, as plain types: the model's class name and config, and the files
     of the tokenizer at ``hparams.tokenizer_path`` (read now, while the path is valid)."""
+    from lmrecipes.sharding import unsharded_class
+
     model = hf_model(module)
     contents = {
-        "model_class": type(model).__name__,
+        "model_class": unsharded_class(model).__name__,
         "model_config": json.loads(model.config.to_json_string(use_diff=False)),  # plain types only
     }
     tokenizer_path = module.hparams.get("tokenizer_path")
@@ -170,7 +180,7 @@ def load_pipeline(task: str, model: str, **kwargs):
 
     check_model_source(model)
     device = "cpu" if not torch.cuda.is_available() else 0
-    if Path(model).is_file():
+    if Path(model).is_file() or (Path(model) / "meta.pt").is_file():  # a checkpoint file or sharded folder
         lm, tokenizer, _ = hf_from_checkpoint(model)
         return pipeline(task, model=lm, tokenizer=tokenizer, device=device, **kwargs)
     return pipeline(task, model=model, device=device, **kwargs)

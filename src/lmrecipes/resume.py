@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lmrecipes.checkpoints_sharded import sharded_identity
 from lmrecipes.optim import sync_scheduler_lr
 from lmrecipes.ranks import distributed, gather_from_ranks
 
@@ -113,11 +114,12 @@ def check_same_resume(chosen: str | None) -> None:
         return
     mine = None
     if chosen is not None:
-        mine = (
-            f"{Path(chosen).name} ({os.path.getsize(chosen)} bytes)"
-            if os.path.isfile(chosen)
-            else str(chosen)
-        )
+        if os.path.isfile(chosen):
+            mine = f"{Path(chosen).name} ({os.path.getsize(chosen)} bytes)"
+        elif os.path.isdir(chosen):  # a sharded checkpoint: its marker says which save it is
+            mine = f"{Path(chosen).name} ({sharded_identity(chosen)})"
+        else:
+            mine = str(chosen)
     everyone = gather_from_ranks(mine)
     if any(choice != everyone[0] for choice in everyone):
         detail = "; ".join(f"rank {rank}: {choice or 'none'}" for rank, choice in enumerate(everyone))

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import Dataset, DistributedSampler
 
 from lmrecipes.data.masking import batch_generator
+from lmrecipes.data.position import EpochPosition, lightning_batches, next_pass, resize
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -66,47 +68,82 @@ def rank_draws(order: list[int], *, batch_size: int, rank: int, world_size: int)
 
 
 class TrainPosition:
-    """How far training got in the epoch order: the data epoch and the batches of it trained on (all ranks alike).
+    """How far training got in the epoch order: the data epoch, the samples of it done at an earlier world size
+    (``offset``) and the global batches done since (all ranks alike; ``data/position.py`` holds the arithmetic).
 
     The DataModule counts a batch in ``on_after_batch_transfer`` during training (Lightning transfers a batch right
-    before its step, never ahead) and saves this with a signature of what the order depends on."""
+    before its step, never ahead) and saves this with a signature of what the order depends on. A checkpoint saved
+    by another number of processes resumes through the global sample count: no sample twice, none skipped."""
 
     def __init__(self) -> None:
-        self.epoch, self.batches = 0, 0
+        self.epoch, self.offset, self.batches = 0, 0, 0
         self.signature: dict = {}
         self._saved: dict | None = None
+        self._trainer: pl.Trainer | None = None
+        self._lightning_batches: int | None = (
+            None  # after a resize: the epoch's batch count Lightning must hold
+        )
 
     def count(self) -> None:
         """One more batch trained on."""
         self.batches += 1
 
-    def begin(self, steps: int) -> tuple[int, int]:
-        """(epoch, batches of it done) for a new pass over the data: the next epoch once all ``steps`` are done."""
-        if self.batches >= steps:
-            self.epoch, self.batches = self.epoch + 1, 0
-        return self.epoch, self.batches
+    def begin(self, *, rows: int, world_size: int, batch_size: int) -> EpochPosition:
+        """Where a new pass over the data starts: here, or the next epoch once this one's rows are all done."""
+        if self._saved is not None:
+            # Loaded after the sampler was built (FSDP2 restores a checkpoint once the model is sharded, after
+            # configure_optimizers already built the training loader): take it over now, before the first batch.
+            self.resume(self.signature)
+        here = EpochPosition(self.epoch, self.offset, self.batches)
+        self.epoch, self.offset, self.batches = next_pass(
+            here, rows=rows, world_size=world_size, batch_size=batch_size
+        )
+        if self._lightning_batches is not None:
+            align_lightning(self._trainer, self._lightning_batches)
+            self._lightning_batches = None
+        return EpochPosition(self.epoch, self.offset, self.batches)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "signature": self.signature}
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "batches": self.batches,
+            "signature": self.signature,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = state  # checked against the run's settings once the training set is known
 
     def resume(self, signature: dict) -> None:
-        """Take over a loaded position if the run reads the same data the same way; else raise ``ValueError``."""
+        """Take over a loaded position if the run reads the same data the same way (on any number of processes);
+        else raise ``ValueError``."""
         self.signature = signature
         if self._saved is None:
             return
         saved, self._saved = self._saved, None
         before = saved["signature"]
-        changed = {k: (before.get(k), v) for k, v in signature.items() if before.get(k) != v}
+        changed = {
+            k: (before.get(k), v) for k, v in signature.items() if before.get(k) != v and k != "world_size"
+        }
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
                 f"cannot resume the data position: the checkpoint was written with different data settings ({detail})."
                 " Resume with the original settings, or start a new run from the weights."
             )
-        self.epoch, self.batches = saved["epoch"], saved["batches"]
+        here = EpochPosition(saved["epoch"], saved.get("offset", 0), saved["batches"])
+        old, new = before["world_size"], signature["world_size"]
+        if old != new:
+            rows, batch_size = signature["rows"], signature["batch_size"]
+            here = resize(here, rows=rows, batch_size=batch_size, old_world=old, new_world=new)
+            self._lightning_batches = lightning_batches(
+                here, rows=rows, world_size=new, batch_size=batch_size
+            )
+            rank_zero_info(
+                f"lmrecipes: resuming a data position saved by {old} processes on {new}: epoch {here.epoch}, "
+                f"{here.offset} of its {rows} samples done; the rest is dealt out to {new} processes"
+            )
+        self.epoch, self.offset, self.batches = here
 
     def sampler(self, dataset: Dataset, *, trainer: pl.Trainer | None, batch_size: int, seed: int | None, signature: dict,
                 lengths: list[int] | None = None) -> ExactlyOnceSampler:  # fmt: skip
@@ -126,10 +163,27 @@ class TrainPosition:
             # the order keeps the seed it started with, and the RNG states come from the checkpoint.
             seed = self._saved["signature"]["shuffle_seed"]
         seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._trainer = trainer
         self.resume({"batch_size": batch_size, "world_size": world, "shuffle_seed": seed, "rows": len(dataset),
                      "group_by_length": lengths is not None, **signature})  # fmt: skip
         return ExactlyOnceSampler(dataset, batch_size=batch_size, rank=rank, world_size=world, seed=seed,
                                   lengths=lengths, position=self)  # fmt: skip
+
+
+def align_lightning(trainer: pl.Trainer | None, batches: int) -> None:
+    """Make Lightning count ``batches`` of the epoch as done: after a resize its restored count is in batches of the
+    old world size, and it ends the epoch when its count reaches ``len(loader)`` (this world's whole epoch)."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return
+    # Private: no public setter for a resumed epoch's progress. Called from the sampler's first pass, i.e. while
+    # Lightning fetches the resumed epoch's first batch: its fetcher has counted the restored batches as fetched
+    # (and ends the epoch on that count), so both move. tests/test_reshard.py fails if Lightning renames them.
+    current = loop.epoch_loop.batch_progress.current
+    current.ready = current.started = current.processed = current.completed = batches
+    fetcher = getattr(loop, "_data_fetcher", None)
+    if fetcher is not None:
+        fetcher.fetched = batches
 
 
 class ExactlyOnceSampler(DistributedSampler):
@@ -170,21 +224,25 @@ class ExactlyOnceSampler(DistributedSampler):
         # the last global batch is padded, not dropped
         self.steps = math.ceil(len(dataset) / (world_size * batch_size))
 
-    def draws(self, epoch: int) -> list[Draw]:
-        """This rank's draws for a whole epoch."""
+    def draws(self, epoch: int, offset: int = 0) -> list[Draw]:
+        """This rank's draws for the epoch's order from sample ``offset`` on (done at another world size)."""
         per_step = self.num_replicas * self.batch_size
         group = per_step * max(1, min(len(self.dataset) // (4 * per_step), GROUP_BATCHES))
         order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, lengths=self.lengths, group=group)
-        return rank_draws(order, batch_size=self.batch_size, rank=self.rank, world_size=self.num_replicas)
+        return rank_draws(
+            order[offset:], batch_size=self.batch_size, rank=self.rank, world_size=self.num_replicas
+        )
 
     def __iter__(self):
         # The pass's epoch comes from the trained-batch count, not set_epoch: Lightning's epoch runs one ahead after
         # resuming from a checkpoint written at the end of a fit, and with workers a resumed run's first pass is
         # drawn when Lightning builds the loader's iterator, before it calls set_epoch.
-        done = 0
+        offset, done = 0, 0
         if self.position is not None:
-            self.epoch, done = self.position.begin(self.steps)
-        return iter(self.draws(self.epoch)[done * self.batch_size :])
+            self.epoch, offset, done = self.position.begin(
+                rows=len(self.dataset), world_size=self.num_replicas, batch_size=self.batch_size
+            )
+        return iter(self.draws(self.epoch, offset)[done * self.batch_size :])
 
     def __len__(self) -> int:
         return self.steps * self.batch_size

@@ -66,6 +66,12 @@ class RecipeModule(pl.LightningModule):
             if param.grad is not None:
                 param.grad.mul_(scale)
 
+    def configure_model(self) -> None:
+        # --trainer.strategy fsdp2: shard each transformer block, then the model (a no-op under any other strategy)
+        from lmrecipes.sharding import configure_sharding
+
+        configure_sharding(self)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.update_eval_loss(*self.eval_loss_sum(batch))
 
