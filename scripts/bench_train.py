@@ -39,8 +39,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from lmrecipes.bpe import train_bpe_tokenizer
-from lmrecipes.callbacks import transformer_flops_per_token
 from lmrecipes.data.packing import iter_windows
+from lmrecipes.flops import device_peak_flops, transformer_flops_per_token
 from lmrecipes.models.clm import CausalLM
 from lmrecipes.optim import OptimizerConfig, split_decay_params
 
@@ -234,11 +234,7 @@ def setup_check(template: CausalLM, args, hp: dict) -> dict:
 
 
 def peak_flops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    return get_available_flops(torch.device("cuda"), torch.bfloat16)
+    return device_peak_flops(torch.device(device))[1]  # the project's dense bf16 table, as TokenThroughput
 
 
 def timed_run(impl: str, template: CausalLM, data, args, hp: dict) -> float:
