@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import SumMetric
 
+from lmrecipes.models.speed import allow_tf32
 from lmrecipes.optim import OptimizerConfig, build_optimizer
 from lmrecipes.ranks import max_over_ranks
 
@@ -26,6 +27,9 @@ class RecipeModule(pl.LightningModule):
         self._step_norm: torch.Tensor | None = None
         # what the summed loss is divided by in the backward pass: fixed for the run (see training_step)
         self._grad_unit: float | None = None
+
+    def setup(self, stage: str) -> None:
+        allow_tf32(self.trainer.strategy.root_device)  # once per run, on the device it runs on; not at import
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(the training loss summed over the batch's tokens or rows, its normaliser: their number or weight)."""
