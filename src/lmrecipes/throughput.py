@@ -16,7 +16,8 @@ from lmrecipes.portable import hf_model
 class TokenThroughput(pl.Callback):
     """Logs ``train/tokens_per_sec`` (all ranks together), ``train/tokens_per_sec_per_device`` and, where each
     rank's device has a known peak (``lmrecipes.flops.PEAK_FLOPS``), ``train/mfu`` (mean over ranks, each rank
-    against its own device's peak) and ``train/mfu_min`` (the slowest rank).
+    against its own device's peak) and ``train/mfu_min`` (the slowest rank); on CUDA ``train/peak_memory_gib``
+    (the most any rank's device has held since the start).
 
     Lightning's ThroughputMonitor waits for the GPU after every batch; here tokens and FLOPs are counted from each
     batch's shape (host metadata, no wait), and the clock is read after one ``cuda.synchronize`` per logging
@@ -85,14 +86,22 @@ class TokenThroughput(pl.Callback):
         self._sync(pl_module)
         seconds = max(time.perf_counter() - self._t0 - self._excluded, 1e-9)
         mfu = self._flops / seconds / self.peak_flops if self.peak_flops else math.nan
-        mine = torch.tensor([self._tokens / seconds, mfu], dtype=torch.float32, device=pl_module.device)
-        ranks = trainer.strategy.all_gather(mine).reshape(-1, 2).cpu()  # (world, 2): one collective
+        cuda = pl_module.device.type == "cuda"
+        memory = torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if cuda else math.nan
+        mine = torch.tensor(
+            [self._tokens / seconds, mfu, memory], dtype=torch.float32, device=pl_module.device
+        )
+        ranks = trainer.strategy.all_gather(mine).reshape(-1, 3).cpu()  # (world, 3): one collective
         self.last = {
             "train/tokens_per_sec": float(ranks[:, 0].sum()),
             "train/tokens_per_sec_per_device": float(ranks[:, 0].mean()),
         }
         if not ranks[:, 1].isnan().any():
             self.last |= {"train/mfu": float(ranks[:, 1].mean()), "train/mfu_min": float(ranks[:, 1].min())}
+        if cuda:
+            self.last["train/peak_memory_gib"] = float(
+                ranks[:, 2].max()
+            )  # the fullest device since the start
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(self.last, step=trainer.global_step)
