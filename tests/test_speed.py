@@ -123,3 +123,26 @@ def test_compiled_model_trains_the_same_losses_as_eager():
         losses[compile] = seen
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
     assert losses[False][-1] < losses[False][0]  # it trained
+
+
+@pytest.mark.slow
+def test_compile_that_fails_on_the_platform_falls_back_to_eager_with_one_warning():
+    import warnings
+
+    torch.manual_seed(0)
+    module, reference = clm(compile=True).eval(), clm().eval()
+    reference.load_state_dict(module.state_dict())  # same names: compiling wrapped no module
+    ids = torch.randint(0, 50, (2, 12))  # (B, T)
+    torch._dynamo.reset()
+    # a platform without a working C++ compiler, as inductor sees it (and no cached kernels to hide it)
+    broken = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+    with torch._inductor.config.patch(broken), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            first, second = module(ids), module(ids)
+    torch._dynamo.reset()
+    assert module._compiled is False
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    with torch.no_grad():
+        expected = reference(ids)
+    assert torch.equal(first, expected) and torch.equal(second, expected)

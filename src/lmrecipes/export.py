@@ -109,15 +109,9 @@ def export_command(
     staging.mkdir()
     from lmrecipes.curves import run_curves
 
-    vocab_size = export_vocab_size(checkpoint.get("hyper_parameters", {}))
-    write_hf_folder(
-        model,
-        tokenizer,
-        staging,
-        card=model_card(checkpoint),
-        curves=run_curves(checkpoint),
-        vocab_size=vocab_size,
-    )
+    card, curves = model_card(checkpoint), run_curves(checkpoint)
+    vocab_size = export_vocab_size(checkpoint.get("hyper_parameters", {}))  # a padded embedding is trimmed
+    write_hf_folder(model, tokenizer, staging, card=card, curves=curves, vocab_size=vocab_size)
     if out_path.exists():
         shutil.rmtree(out_path)
     staging.rename(out_path)  # a failed export never leaves a half-written `out`
