@@ -23,7 +23,7 @@ python scripts/bench_train.py "${args[@]}" > "$out/eager.jsonl" 2> "$out/eager.l
 python scripts/bench_train.py "${args[@]}" --compile > "$out/compile.jsonl" 2> "$out/compile.log" \
   || echo "compile run failed: $out/compile.log"
 # FSDP2 row: needs the fsdp2 strategy (issue 12, part F); reported as missing, not as a number, until it runs
-rm -rf runs/bench-fsdp/lightning_logs runs/bench-fsdp/csv
+find runs/bench-fsdp -name metrics.csv -delete 2>/dev/null  # no stale figures; the tokenizer is kept
 if lmrecipes fit --config configs/clm/bench-fsdp.yaml > "$out/fsdp.log" 2>&1; then fsdp=ok; else fsdp=failed; fi
 python - "$out" "$fsdp" <<'PY'
 import csv, glob, json, sys
