@@ -2,7 +2,7 @@
 # One GPU, one command, about 4 minutes: GPT-2 124M (context 1024, bf16) trained by lmrecipes and by the Hugging
 # Face Trainer on the same GPU, batch and data, without and with torch.compile (tokens/s, MFU against the
 # project's dense bf16 peak table, peak memory), then the 1.5B model under FSDP2 through the CLI
-# (configs/clm/bench-fsdp.yaml). Prints one table. Without a CUDA GPU it says so and exits 0.
+# (scripts/bench_gpu_fsdp.yaml). Prints one table. Without a CUDA GPU it says so and exits 0.
 #   bash scripts/bench_gpu.sh            # BATCH=16 STEPS=20 by default
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ python scripts/bench_train.py "${args[@]}" --compile > "$out/compile.jsonl" 2> "
   || echo "compile run failed: $out/compile.log"
 # FSDP2 row: needs the fsdp2 strategy (issue 12, part F); reported as missing, not as a number, until it runs
 find runs/bench-fsdp -name metrics.csv -delete 2>/dev/null  # no stale figures; the tokenizer is kept
-if lmrecipes fit --config configs/clm/bench-fsdp.yaml > "$out/fsdp.log" 2>&1; then fsdp=ok; else fsdp=failed; fi
+if lmrecipes fit --config scripts/bench_gpu_fsdp.yaml > "$out/fsdp.log" 2>&1; then fsdp=ok; else fsdp=failed; fi
 python - "$out" "$fsdp" <<'PY'
 import csv, glob, json, sys
 from pathlib import Path
