@@ -158,9 +158,8 @@ class CausalLM(RecipeModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits over the tokenizer's ``vocab_size`` ids: a padded embedding's extra rows are cut off here, so
         no loss, metric or generation ever sees them."""
-        if (
-            self._compiled is None
-        ):  # a compiled function, not a wrapped module: the state_dict keeps its names
+        if self._compiled is None:
+            # a compiled function, not a wrapped module: the state_dict's names stay the same
             self._compiled = torch.compile(self.model.forward)
         if self._compiled is False:
             out = self.model(input_ids=input_ids, use_cache=False)
