@@ -6,6 +6,7 @@ gradient clipping and accumulation. Prints JSON lines on stdout, progress on std
 
     HF_HUB_OFFLINE=1 python scripts/bench_train.py                       # tiny GPT-2 on CPU: ~2 min on 2 idle cores
     HF_HUB_OFFLINE=1 python scripts/bench_train.py --device cuda --precision bf16-mixed --gpt2-124m   # + MFU
+    HF_HUB_OFFLINE=1 python scripts/bench_train.py --compile     # both sides torch.compile'd
 
 Timing: each side stamps the wall clock when an optimizer step has finished (Lightning: ``on_train_batch_end``
 once ``global_step`` moved; Trainer: ``on_step_end``), synchronising CUDA at the two stamps used. Throughput is
@@ -39,8 +40,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from lmrecipes.bpe import train_bpe_tokenizer
-from lmrecipes.callbacks import transformer_flops_per_token
 from lmrecipes.data.packing import iter_windows
+from lmrecipes.flops import device_peak_flops, transformer_flops_per_token
 from lmrecipes.models.clm import CausalLM
 from lmrecipes.optim import OptimizerConfig, split_decay_params
 
@@ -161,6 +162,7 @@ def training_args(
         save_strategy="no",
         use_cpu=args.device == "cpu",
         dataloader_pin_memory=args.device == "cuda",
+        torch_compile=args.compile,
         train_sampling_strategy="sequential",  # the same order as Lightning's shuffle=False loader
         seed=args.seed,
         data_seed=args.seed,
@@ -215,7 +217,15 @@ def make_template(args, eos_id: int, hp: dict, dropout: float | None) -> CausalL
         config |= {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     torch.manual_seed(args.seed)
     ids = {"vocab_size": args.vocab, "bos_token_id": eos_id, "eos_token_id": eos_id, "seq_len": args.seq_len}
-    return CausalLM(config=config, loss="ce", **ids, optimizer=OptimizerConfig(**hp))
+    # vocab_multiple=1: both sides train the very same model (the Trainer's loss would see padded rows)
+    return CausalLM(
+        config=config,
+        loss="ce",
+        **ids,
+        optimizer=OptimizerConfig(**hp),
+        compile=args.compile,
+        vocab_multiple=1,
+    )
 
 
 def setup_check(template: CausalLM, args, hp: dict) -> dict:
@@ -234,17 +244,15 @@ def setup_check(template: CausalLM, args, hp: dict) -> dict:
 
 
 def peak_flops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    return get_available_flops(torch.device("cuda"), torch.bfloat16)
+    return device_peak_flops(torch.device(device))[1]  # the project's dense bf16 table, as TokenThroughput
 
 
 def timed_run(impl: str, template: CausalLM, data, args, hp: dict) -> float:
     """Tokens/s of one fit of ``skip + steps`` optimizer steps, over the last ``steps``."""
     total = args.skip + args.steps
     clock = Clock(args.skip, total, args.device == "cuda")
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if impl == "lightning":
         fit_lightning(
             copy.deepcopy(template), data, args, total, args.accumulate, LightningProbe(clock, False)
@@ -252,10 +260,11 @@ def timed_run(impl: str, template: CausalLM, data, args, hp: dict) -> float:
     else:
         model = copy.deepcopy(template.model)
         fit_trainer(model, data, args, hp, total, args.accumulate, TrainerProbe(clock, False))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return args.steps * args.batch * args.accumulate * args.seq_len / clock.seconds()
+    return args.steps * args.batch * args.accumulate * args.seq_len / clock.seconds(), peak
 
 
 def throughput(args, data, eos_id: int, hp: dict) -> None:
@@ -267,7 +276,7 @@ def throughput(args, data, eos_id: int, hp: dict) -> None:
     rates = {"lightning": [], "hf_trainer": []}
     for run in range(args.repeats):
         for impl, runs in rates.items():
-            rate = timed_run(impl, template, data, args, hp)
+            rate, peak_mem = timed_run(impl, template, data, args, hp)
             runs.append(rate)
             mfu = round(rate * flops / peak, 4) if peak else None
             emit(
@@ -278,6 +287,8 @@ def throughput(args, data, eos_id: int, hp: dict) -> None:
                     "tokens_per_s": round(rate, 1),
                     **meta,
                     "mfu": mfu,
+                    "peak_mem_gib": None if peak_mem is None else round(peak_mem, 2),
+                    "compile": args.compile,
                 }
             )
     best = {k: round(max(v), 1) for k, v in rates.items()}
@@ -290,7 +301,9 @@ def throughput(args, data, eos_id: int, hp: dict) -> None:
     }
     summary["median_ratio"] = round(median["lightning"] / median["hf_trainer"], 3)
     summary |= {"best_tokens_per_s": best, "median_tokens_per_s": median, "flops_per_token": flops}
-    emit(summary | {"peak_flops": peak, "device": args.device, "threads": torch.get_num_threads()})
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    summary |= {"peak_flops": peak, "device": device, "threads": torch.get_num_threads()}
+    emit(summary | {"compile": args.compile, "load_avg_1min": round(os.getloadavg()[0], 2)})
 
 
 def agreement(args, data, eos_id: int, hp: dict, accumulate: int) -> None:
@@ -327,6 +340,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=5, help="LR warmup (both sides)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
+    p.add_argument("--no-agree", action="store_true", help="skip the loss-agreement runs (bench_gpu.sh)")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -358,7 +373,7 @@ def main() -> None:
     check = setup_check(make_template(args, eos_id, hp, dropout=0.0), args, hp)
     emit(check)
     agree_hp = hp if check["decay_groups_match"] else {**hp, "weight_decay": 0.0}
-    for accumulate in (1, 2):
+    for accumulate in () if args.no_agree else (1, 2):
         agreement(args, data, eos_id, agree_hp, accumulate)
     throughput(args, data, eos_id, hp)
     print(f"done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)

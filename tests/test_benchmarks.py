@@ -29,3 +29,15 @@ def test_benchmark_runs_in_smoke_mode(name, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert records, proc.stdout[-2000:]
+
+
+def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: scripts/bench_gpu.sh would measure (a benchmark, not a test)")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "bench_gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA GPU" in proc.stdout and "tokens/s" not in proc.stdout

@@ -5,7 +5,14 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmrecipes.optim import OptimizerConfig, build_optimizer, param_groups, split_decay_params, warmup_lambda
+from lmrecipes.optim import (
+    OptimizerConfig,
+    adamw_kernel,
+    build_optimizer,
+    param_groups,
+    split_decay_params,
+    warmup_lambda,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +154,13 @@ def test_optimizer_config_is_a_plain_dict_in_checkpoints(tmp_path):
     assert hparams["optimizer"] == {"lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-8,
                                     "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1}  # fmt: skip
     assert CausalLM.load_from_checkpoint(tmp_path / "one.ckpt").optimizer_config == config
+
+
+def test_adamw_uses_the_fused_kernel_where_torch_has_one(gpt2):
+    # CPU has torch's fused AdamW (the HF Trainer's default, and the bench's speed-up); a device without one
+    # (meta stands in for any other accelerator here) falls back to torch's default choice.
+    optimizer, _ = build_optimizer(gpt2, OptimizerConfig(), total_steps=10)
+    assert optimizer.defaults["fused"] is True
+    assert adamw_kernel([torch.zeros(2, device="meta")]) == {"foreach": None}
+    plain, _ = build_optimizer(gpt2, OptimizerConfig(), total_steps=10, fused=False)
+    assert not plain.defaults["fused"]

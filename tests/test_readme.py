@@ -22,7 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 LIGHTNING = ("fit", "validate", "test", "predict")
 # Not lmrecipes command lines: installing, the test suite, benchmarks, SLURM submissions (the script's own
 # command line is the torchrun/srun one above it).
-OTHER = ("python3 -m venv", "HF_HUB_OFFLINE=1 pytest", "python scripts/", "sbatch ", "CONFIG=", "pip install")
+OTHER = (
+    "python3 -m venv",
+    "HF_HUB_OFFLINE=1 pytest",
+    "python scripts/",
+    "bash scripts/",
+    "sbatch ",
+    "CONFIG=",
+    "pip install",
+)
 
 
 def readme_commands() -> list[str]:

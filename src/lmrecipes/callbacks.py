@@ -1,4 +1,5 @@
-"""Callbacks: token throughput / MFU, data statistics, and the end-of-run report (export + sample)."""
+"""Callbacks: data statistics, epochs counted from the data, the end-of-run report (export + sample), prediction
+writing. Token throughput and MFU: ``lmrecipes.throughput``."""
 
 from __future__ import annotations
 
@@ -7,45 +8,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lmrecipes.portable import hf_model
 from lmrecipes.ranks import gather_from_ranks
-
-
-def transformer_flops_per_token(model: torch.nn.Module, seq_len: int, params: int | None = None) -> float:
-    """Training FLOPs per token: 6 x parameters + attention (12 x layers x width x seq_len), as in PaLM's MFU.
-    ``params``: the model's parameter count, when the caller has it already."""
-    cfg = model.config
-    params = sum(p.numel() for p in model.parameters()) if params is None else params
-    return 6.0 * params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-
-
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens, with MFU where the device's peak FLOP/s is known."""
-
-    def __init__(self, *, window_size: int = 20):
-        """
-        Args:
-            window_size: batches averaged for the rates.
-        """
-        super().__init__(
-            batch_size_fn=lambda b: b["input_ids"].shape[0],
-            length_fn=lambda b: b["input_ids"].numel(),
-            window_size=window_size,
-        )
-        self._counted: tuple = (None, 0)  # (model, its parameter count)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        # From the batch itself, read by ThroughputMonitor at the batch's end: the data's seq_len for packed windows,
-        # the padded length for dynamic padding; no guess of the sequence length.
-        batch_size, seq_len = batch["input_ids"].shape  # (B, T)
-        model = hf_model(pl_module)
-        if self._counted[0] is not model:  # count the parameters once, not every batch
-            self._counted = (model, sum(p.numel() for p in model.parameters()))
-        per_token = transformer_flops_per_token(model, seq_len, self._counted[1])
-        pl_module.flops_per_batch = int(per_token * batch_size * seq_len)
 
 
 class DataStats(pl.Callback):

@@ -56,8 +56,11 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def tokens_per_second(metrics: dict[str, dict[int, float]]) -> dict[int, float]:
-    """TokenThroughput's tokens/s, or, before its window fills, the rate between consecutive logged steps of
+    """TokenThroughput's tokens/s (``train/tokens_per_sec``); for runs logged by its older, ThroughputMonitor-based
+    version, ``train/items_per_sec`` or, before its window filled, the rate between consecutive logged steps of
     its cumulative token count (``train/lengths``) and time (``train/time``)."""
+    if metrics.get("train/tokens_per_sec"):
+        return dict(metrics["train/tokens_per_sec"])
     if metrics.get("train/items_per_sec"):
         return dict(metrics["train/items_per_sec"])
     tokens, seconds = metrics.get("train/lengths", {}), metrics.get("train/time", {})

@@ -54,10 +54,11 @@ def run_callbacks(
         counts_data: the DataModule reports ``data_stats()`` (streamed/packed text): add TokenThroughput, DataStats.
         checkpointing: ``trainer.enable_checkpointing`` (False: no default ModelCheckpoint).
     """
-    from lmrecipes.callbacks import DataStats, EpochsFromData, TokenThroughput
+    from lmrecipes.callbacks import DataStats, EpochsFromData
     from lmrecipes.curves import Curves
     from lmrecipes.resilience import NonFiniteLoss, Preemption
     from lmrecipes.resume import ExactResume
+    from lmrecipes.throughput import TokenThroughput
 
     folder = os.path.join(root, "checkpoints")
     folder = folder if "://" in folder else os.path.realpath(folder)  # local: as ModelCheckpoint stores it

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from lmrecipes.models.speed import export_vocab_size, trimmed_vocab
+
 # The book's "first block": stop a completion where the next top-level statement starts.
 _BLOCK_END = re.compile(r"\n(?:class |def |#|@|print|if |async def )")
 
@@ -64,11 +66,17 @@ def save_hf_folder(module, out: Path, *, card: str, curves: Path | None = None) 
 
     tokenizer_path = module.hparams.get("tokenizer_path")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else None
-    write_hf_folder(hf_model(module), tokenizer, out, card=card, curves=curves)
+    vocab_size = export_vocab_size(dict(module.hparams))
+    write_hf_folder(hf_model(module), tokenizer, out, card=card, curves=curves, vocab_size=vocab_size)
 
 
-def write_hf_folder(model, tokenizer, out: Path, *, card: str, curves: Path | None = None) -> None:
-    """Write model, tokenizer (if any), card (and the run's curves.png, which the card shows) to ``out``."""
+def write_hf_folder(
+    model, tokenizer, out: Path, *, card: str, curves: Path | None = None, vocab_size: int | None = None
+) -> None:
+    """Write model, tokenizer (if any), card (and the run's curves.png, which the card shows) to ``out``;
+    ``vocab_size``: trim a padded embedding back to the tokenizer's ids first."""
+    if vocab_size is not None:
+        model = trimmed_vocab(model, vocab_size)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -102,7 +110,9 @@ def export_command(
     staging.mkdir()
     from lmrecipes.curves import run_curves
 
-    write_hf_folder(model, tokenizer, staging, card=model_card(checkpoint), curves=run_curves(checkpoint))
+    card, curves = model_card(checkpoint), run_curves(checkpoint)
+    vocab_size = export_vocab_size(checkpoint.get("hyper_parameters", {}))  # a padded embedding is trimmed
+    write_hf_folder(model, tokenizer, staging, card=card, curves=curves, vocab_size=vocab_size)
     if out_path.exists():
         shutil.rmtree(out_path)
     staging.rename(out_path)  # a failed export never leaves a half-written `out`

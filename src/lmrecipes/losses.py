@@ -26,10 +26,19 @@ def causal_lm_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of valid tokens) so callers can normalise over batches and ranks."""
-    losses = causal_lm_token_losses(logits, labels)  # (B, T-1)
-    count = (labels[:, 1:] != IGNORE_INDEX).sum()
-    return losses.sum(), count
+    """(sum of token losses, number of valid tokens) so callers can normalise over batches and ranks.
+
+    Shifts the labels, not the logits: ``logits[:, :-1]`` is not contiguous, so flattening it copied the whole
+    (B, T, V) tensor in forward and again in backward (a profile of scripts/bench_train.py); the last position
+    gets label ``ignore_index`` instead."""
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),  # (B*T, V): a view of contiguous fp32 logits
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, (shift_labels != IGNORE_INDEX).sum()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

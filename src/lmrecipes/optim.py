@@ -94,15 +94,31 @@ def warmup_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_rat
     return multiplier
 
 
+# Devices with torch's fused AdamW kernel (one kernel for every tensor of a group). torch >= 2.4 has a CPU one too,
+# and it is what the Hugging Face Trainer picks by default ("adamw_torch_fused"): on CPU torch's own default is the
+# per-tensor loop, which cost the tiny bench model more than its forward pass (scripts/bench_train.py profile).
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def adamw_kernel(params: list[torch.Tensor]) -> dict:
+    """``fused=True`` when every parameter is on a device with the fused kernel, else torch's own default (the
+    multi-tensor kernel where the device has one)."""
+    devices = {p.device.type for p in params}
+    if devices and devices <= set(FUSED_DEVICES):
+        return {"fused": True}
+    return {"foreach": None}
+
+
 def build_optimizer(
     model: nn.Module, config: OptimizerConfig, *, total_steps: int, fused: bool | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`param_groups` and a per-step LambdaLR; ``fused`` defaults to on for CUDA parameters."""
-    if fused is None:
-        fused = next(model.parameters()).is_cuda
+    """AdamW over :func:`param_groups` and a per-step LambdaLR; ``fused`` defaults to :func:`adamw_kernel`'s
+    choice for the parameters' device (call it once the model is on its device: Lightning does)."""
     c = config
     groups = param_groups(model, c.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, fused=fused or None)
+    params = [p for g in groups for p in g["params"]]
+    kernel = adamw_kernel(params) if fused is None else {"fused": fused or None}
+    optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, **kernel)
     lr_lambda = warmup_lambda(c.lr_schedule, c.warmup_steps, total_steps, c.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 

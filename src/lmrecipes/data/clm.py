@@ -320,7 +320,6 @@ class CodeDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=None,
-            pin_memory=torch.cuda.is_available(),
             **loader_options(self.loader.num_workers),
         )
 

@@ -33,7 +33,9 @@ def loader_options(num_workers: int, *, persistent: bool = True) -> dict:
     main process (torch's workers die on a SIGTERM that does not come from their parent; SLURM signals every
     process of a job step, and the main process must live on to save a checkpoint, see ``Preemption``)."""
     workers = {"worker_init_fn": _ignore_job_signals, "persistent_workers": persistent} if num_workers else {}
-    return {"num_workers": num_workers, "generator": own_generator(), **workers}
+    # pinned batches let Lightning's copy to the GPU (non_blocking=True for CUDA) overlap the previous step
+    pinned = {"pin_memory": torch.cuda.is_available()}
+    return {"num_workers": num_workers, "generator": own_generator(), **pinned, **workers}
 
 
 def _ignore_job_signals(worker_id: int) -> None:

@@ -118,7 +118,8 @@ def complete(model, tokenizer, prompt: str, seeds: list[int], sampling: Sampling
     for _ in range(sampling.max_new_tokens):
         out = model(input_ids=inputs, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         cache = out.get(cache_arg)
-        logits = out.logits[:, -1, :].float()  # (B, V)
+        # a vocabulary padded for the tensor cores (model.vocab_multiple) has rows no token id stands for
+        logits = out.logits[:, -1, : len(tokenizer)].float()  # (B, V)
         chosen = _choose(logits, generators, sampling)  # (B,)
         for row in range(batch):
             if done[row]:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import SumMetric
 
+from lmrecipes.models.speed import allow_tf32
 from lmrecipes.optim import OptimizerConfig, build_optimizer
 from lmrecipes.ranks import max_over_ranks
 
@@ -26,6 +27,9 @@ class RecipeModule(pl.LightningModule):
         self._step_norm: torch.Tensor | None = None
         # what the summed loss is divided by in the backward pass: fixed for the run (see training_step)
         self._grad_unit: float | None = None
+
+    def setup(self, stage: str) -> None:
+        allow_tf32(self.trainer.strategy.root_device)  # once per run, on the device it runs on; not at import
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(the training loss summed over the batch's tokens or rows, its normaliser: their number or weight)."""
@@ -58,13 +62,15 @@ class RecipeModule(pl.LightningModule):
         # gradient clipping.
         if self._step_norm is None:
             return
-        norm = float(self.trainer.strategy.reduce(self._step_norm, reduce_op="sum"))
+        # A tensor all along, no float(): reading the step's normaliser on the host would wait for the GPU every
+        # step. One multi-tensor multiply instead of one kernel launch per parameter.
+        norm = self.trainer.strategy.reduce(self._step_norm, reduce_op="sum")
         self._step_norm = None
         step_size = self._grad_unit * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        scale = step_size / norm if norm > 0 else 0.0
-        for param in self.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        scale = torch.where(norm > 0, step_size / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
 
     def configure_model(self) -> None:
         # --trainer.strategy fsdp2: shard each transformer block, then the model (a no-op under any other strategy)

@@ -8,6 +8,7 @@ import torch
 
 from lmrecipes.losses import causal_lm_loss_sum, keytoken_weighted_loss_sum
 from lmrecipes.models.base import RecipeModule
+from lmrecipes.models.speed import ATTENTION, compiled_or_eager, padded_vocab_size
 from lmrecipes.optim import OptimizerConfig
 
 LOSSES = ("ce", "keytoken", "keytoken_course")
@@ -15,8 +16,17 @@ LOSSES = ("ce", "keytoken", "keytoken_course")
 DEFAULT_OPTIMIZER = OptimizerConfig(lr=5e-4, weight_decay=0.1, lr_schedule="cosine", warmup_steps=1000)
 
 
-def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id: int, seq_len: int):
-    """``GPT2LMHeadModel`` from config keys, with the data-derived values filled in."""
+def build_gpt2(
+    config: dict,
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    seq_len: int,
+    attention: str = "sdpa",
+):
+    """``GPT2LMHeadModel`` from config keys, with the data-derived values filled in (``vocab_size``: the
+    embedding's rows, padded or not)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     known = set(GPT2Config().to_dict())
@@ -30,16 +40,17 @@ def build_gpt2(config: dict, *, vocab_size: int, bos_token_id: int, eos_token_id
             "vocab_size": vocab_size,
             "bos_token_id": bos_token_id,
             "eos_token_id": eos_token_id,
+            "attn_implementation": attention,
         }
     )
     return GPT2LMHeadModel(cfg)
 
 
-def load_pretrained(path: str):
+def load_pretrained(path: str, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     # from_pretrained returns eval mode, which Lightning keeps: dropout would stay off during fine-tuning
-    return AutoModelForCausalLM.from_pretrained(path).train()
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).train()
 
 
 class CausalLM(RecipeModule):
@@ -63,6 +74,8 @@ class CausalLM(RecipeModule):
         optimizer: OptimizerConfig = DEFAULT_OPTIMIZER,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        attention: str = "sdpa",
+        vocab_multiple: int = 64,
     ):
         """
         Args:
@@ -79,7 +92,13 @@ class CausalLM(RecipeModule):
             keytoken_alpha: the course's ``alpha`` weight scale.
             optimizer: AdamW and its schedule (default: the course's, ch.7 §6).
             activation_checkpointing: recompute activations in backward to save memory.
-            compile: ``torch.compile`` the model.
+            compile: ``torch.compile`` the model's forward; where compiling fails (no C++ compiler or Triton),
+                warn once and train without it.
+            attention: ``sdpa`` (torch's fused attention kernels) or ``eager`` (the reference matmul + softmax).
+            vocab_multiple: pad a model built from ``config`` to a multiple of this many token rows (64: GPT-2's
+                50,257 -> 50,304) for the tensor cores; the padded ids are never predicted (their logits are cut
+                off before the loss and generation) and export trims them. 1: no padding. Ignored with
+                ``pretrained``, whose embedding is kept as it is.
         """
         super().__init__(optimizer)
         # checkpoints' hyper-parameters hold plain types only (weights_only loading): the optimizer as a dict
@@ -87,23 +106,27 @@ class CausalLM(RecipeModule):
         self.save_hyperparameters()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+        if attention not in ATTENTION:
+            raise ValueError(f"model.attention={attention!r} is not one of {ATTENTION}")
+        rows = padded_vocab_size(vocab_size, vocab_multiple)
         self.model = (
-            load_pretrained(pretrained)
+            load_pretrained(pretrained, attention)
             if pretrained
             else build_gpt2(
                 config or {},
-                vocab_size=vocab_size,
+                vocab_size=rows,
                 bos_token_id=bos_token_id,
                 eos_token_id=eos_token_id,
                 seq_len=seq_len,
+                attention=attention,
             )
         )
         self._check_fits(vocab_size, seq_len)
         self.register_buffer("keytoken_ids", self._keytoken_ids(), persistent=False)
         if activation_checkpointing:
             self.model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
-        if compile:
-            self.model = torch.compile(self.model)
+        # compiled at the first forward (after any sharding or device move); False once compiling failed
+        self._compiled = None if compile else False
         self.flops_per_batch: int | None = None  # set by the throughput callback
 
     def _check_fits(self, vocab_size: int, seq_len: int) -> None:
@@ -133,7 +156,19 @@ class CausalLM(RecipeModule):
         return torch.tensor(resolve_keytoken_ids(tokenizer, self.hparams.keytokens or DEFAULT_KEYTOKENS))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        """Logits over the tokenizer's ``vocab_size`` ids: a padded embedding's extra rows are cut off here, so
+        no loss, metric or generation ever sees them."""
+        if self._compiled is None:
+            # a compiled function, not a wrapped module: the state_dict's names stay the same
+            self._compiled = torch.compile(self.model.forward)
+        if self._compiled is False:
+            out = self.model(input_ids=input_ids, use_cache=False)
+        else:
+            compiled, out = compiled_or_eager(
+                self._compiled, self.model, input_ids=input_ids, use_cache=False
+            )
+            self._compiled = compiled or False
+        return out.logits[..., : self.hparams.vocab_size]  # (B, T, V)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = batch["input_ids"]  # (B, T)
