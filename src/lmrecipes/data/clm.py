@@ -31,16 +31,10 @@ from lmrecipes.data.pretokenize import (
     tokenizer_fingerprint,
     window_starts,
 )
+from lmrecipes.data.shards import describe_change, parts_per_shard
 from lmrecipes.data.sources import SourceTree, open_source
-from lmrecipes.data.stream import (
-    PackedStream,
-    StreamSpec,
-    WindowStream,
-    is_heldout,
-    load_tokenizer,
-    loader_options,
-    path_is_heldout,
-)
+from lmrecipes.data.splits import is_heldout, path_is_heldout
+from lmrecipes.data.stream import PackedStream, StreamSpec, WindowStream, load_tokenizer, loader_options
 from lmrecipes.ranks import gather_from_ranks
 
 REPORT_DOCS = 20  # documents held out to measure the tokenizer trained at first use (tokenizer_report.json)
@@ -117,6 +111,8 @@ class CodeDataModule(pl.LightningDataModule):
         self._stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
         self._fingerprint: str | None = None
+        self._shards: list | None = None
+        self._seen: dict[int, list[int]] = {}  # logical stream -> dedup digests its position holds
 
     # values linked into the model by the CLI
     @property
@@ -314,7 +310,10 @@ class CodeDataModule(pl.LightningDataModule):
                 batch_size=batch_size,
                 mode=p.mode,
                 heldout_fraction=self._heldout(),
+                shuffle_buffer=self.loader.shuffle_buffer,
+                seed=self._shuffle_seed(),
             )
+            self._log_streams(world * max(1, self.loader.num_workers))
             dataset = PackedStream(spec, rank=rank, world_size=world, resume=resume)
         return DataLoader(
             dataset,
@@ -322,6 +321,28 @@ class CodeDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             **loader_options(self.loader.num_workers),
         )
+
+    def _shard_list(self) -> list:
+        """The training source's shards, listed once per run."""
+        if self._shards is None:
+            self._shards = self._source("train").shards()
+        return self._shards
+
+    def _log_streams(self, streams: int) -> None:
+        """Rank 0, once: how the shards spread over the streams, and what that costs."""
+        n = len(self._shard_list())
+        parts = parts_per_shard(n, streams)
+        rank_zero_info(
+            f"streaming {n:,} shard(s) to {streams} stream(s) (ranks x DataLoader workers): "
+            + (f"fewer shards than streams, each is split into {parts} row-interleaved parts, so every document "
+               f"is read {parts} times per epoch (read amplification {parts}x); more files avoid it"
+               if parts > 1 else "each document is read once per epoch")
+        )  # fmt: skip
+        if self.filters.dedup and streams > 1:
+            rank_zero_info(
+                "data.filters.dedup drops documents repeated within one stream's shards only; global exact "
+                "de-duplication across all shards is what `lmrecipes prepare` does"
+            )
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
@@ -335,12 +356,17 @@ class CodeDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         position = batch.pop("position", None)
         stats = batch.pop("stats", None)
+        seen = batch.pop("seen", None)
         if position is not None and self.trainer is not None and self.trainer.training:
             logical, *cursor = position.tolist()
+            if self._cursors.get(logical, [None])[0] != cursor[0]:  # a new epoch: its own seen-set
+                self._seen[logical] = []
             self._cursors[logical] = cursor
             self._consumed += 1
             if stats is not None:
                 self._stats[logical] = stats.tolist()
+            if seen is not None:
+                self._seen.setdefault(logical, []).extend(seen.tolist())
         return batch
 
     def data_stats(self) -> dict[str, float]:
@@ -366,6 +392,9 @@ class CodeDataModule(pl.LightningDataModule):
             "num_workers": None if p.pretokenize else max(1, loader.num_workers),
             "pretokenize": p.pretokenize,
             "shuffle_seed": self._shuffle_seed(),
+            # streamed positions are places in shards (format 2); checkpoints of the content-hash streams lack it
+            "stream_format": None if p.pretokenize else 2,
+            "shuffle_buffer": None if p.pretokenize else loader.shuffle_buffer,
             "source": self._source_fingerprint(),
             "filters": [f.keywords, f.quality_filter, f.dedup, self._heldout()],
         }
@@ -378,9 +407,18 @@ class CodeDataModule(pl.LightningDataModule):
         return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict:
-        mine = {"consumed": self._consumed, "cursors": [[k, *v] for k, v in sorted(self._cursors.items())]}
-        # every rank's position, not only rank 0's
-        return {"signature": self._signature(), "ranks": gather_from_ranks(mine)}
+        mine = {
+            "consumed": self._consumed,
+            "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
+            "seen": [[k, torch.tensor(v, dtype=torch.int64)] for k, v in sorted(self._seen.items())],
+        }
+        state = {
+            "signature": self._signature(),
+            "ranks": gather_from_ranks(mine),
+        }  # every rank's, not only rank 0's
+        if not self.packing.pretokenize:  # to name what changed if the source does
+            state["shards"] = [[shard.name, shard.size] for shard in self._shard_list()]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state
@@ -395,6 +433,10 @@ class CodeDataModule(pl.LightningDataModule):
             changed["world_size"] = (len(self._resume["ranks"]), world)
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            if "source" in changed and "shards" in self._resume:
+                detail += (
+                    f"; shards: {describe_change(self._resume['shards'], self._shard_list()) or 'same list'}"
+                )
             raise ValueError(
                 f"cannot resume the data position: the checkpoint was written with different data settings ({detail}). "
                 "Resume with the original settings, or start a new run from the weights (model.pretrained)."
@@ -402,4 +444,6 @@ class CodeDataModule(pl.LightningDataModule):
         mine = self._resume["ranks"][rank]
         self._consumed = mine["consumed"]
         self._cursors = {c[0]: c[1:] for c in mine["cursors"]}
-        return {"consumed": self._consumed, "cursors": dict(self._cursors)}
+        self._seen = {k: digests.tolist() for k, digests in mine.get("seen", [])}
+        seen = {k: np.array(v, dtype=np.int64) for k, v in self._seen.items()}
+        return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen}

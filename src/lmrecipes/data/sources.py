@@ -22,9 +22,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmrecipes.data.shards import Shard
+from lmrecipes.data.splits import stable_hash
+
 ON_ERROR_POLICIES = ("error", "skip")
 _HF_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _JSONL_SUFFIXES = (".jsonl", ".json")
+ROWS_PER_SHARD = 10_000  # shard size of a loaded (map-style) dataset
 # Hub ids are "name" or "owner/name"; leading alnum keeps "./x" and "../x" from looking like one.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -51,7 +55,11 @@ def python_install_roots() -> list[Path]:
 
 
 def _short_hash(obj: Any) -> str:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return stable_hash(obj)
+
+
+def _sizes(paths: list[str]) -> list[int]:
+    return [os.stat(path).st_size if os.path.exists(path) else -1 for path in paths]
 
 
 def _file_stats(paths: list[str]) -> list[tuple[str, int, int]]:
@@ -93,6 +101,23 @@ class DocumentSource:
     def iter_raw(self, start: int = 0) -> Iterator[tuple[int, dict]]:
         """Yield ``(raw_index, document)`` in a fixed order, beginning at raw index ``start``."""
         raise NotImplementedError
+
+    def shards(self) -> list[Shard]:
+        """The source's natural shards, in a stable order. This base lists the whole source as one shard (several
+        streams then split it by rows, each reading all of it)."""
+        return [Shard(f"{type(self).__name__}:all")]
+
+    def iter_shard(
+        self, index: int, *, row: int = 0, byte: int = 0, part: int = 0, parts: int = 1
+    ) -> Iterator[tuple[int, int, dict | None]]:
+        """Yield ``(row, byte, doc)`` for the rows of shard ``index`` from ``row`` on whose ``row % parts`` is
+        ``part``; ``byte`` is where ``row`` starts in the shard's file (0 where the source cannot seek), and
+        ``doc`` is None for a record skipped as bad. This base skips rows from the start of the source."""
+        if index != 0:
+            raise IndexError(f"{type(self).__name__} has one shard; asked for shard {index}")
+        for raw_index, doc in self.iter_raw(start=row):
+            if raw_index % parts == part:
+                yield raw_index, 0, doc
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -186,6 +211,17 @@ class SourceTree(DocumentSource):
         """Hash of the sorted (path, size, mtime_ns) of every file."""
         return _short_hash(_file_stats(self.files))
 
+    def shards(self) -> list[Shard]:
+        """One shard per file, named by its root-relative path, sized in bytes."""
+        return [Shard(self.split_key(path), size) for path, size in zip(self.files, _sizes(self.files))]
+
+    def iter_shard(
+        self, index: int, *, row: int = 0, byte: int = 0, part: int = 0, parts: int = 1
+    ) -> Iterator[tuple[int, int, dict | None]]:
+        """The file's one document (row 0), or nothing when ``row`` is past it or ``part`` is not 0."""
+        if row == 0 and part == 0:
+            yield 0, 0, self._read(self.files[index])
+
     def iter_raw(self, start: int = 0, *, select_path=None) -> Iterator[tuple[int, dict]]:
         """Yield one document per file; skipped files still consume their index.
 
@@ -257,6 +293,35 @@ class JsonlFiles(DocumentSource):
                     self._bad_record(f"{file}:{lineno + 1}: {err}; expected a complete gzip file of JSON "
                                      "lines (truncated download?)", reason="bad_gzip")  # fmt: skip
 
+    def shards(self) -> list[Shard]:
+        """One shard per file, sized in bytes."""
+        return [Shard(path, size) for path, size in zip(self.files, _sizes(self.files))]
+
+    def iter_shard(
+        self, index: int, *, row: int = 0, byte: int = 0, part: int = 0, parts: int = 1
+    ) -> Iterator[tuple[int, int, dict | None]]:
+        """Rows of one file from ``row``, which starts at ``byte``: the file is opened there, never replayed from
+        its start (a ``.gz`` file seeks by decompressing up to it, a cost bounded by the file)."""
+        file = self.files[index]
+        with (gzip.open if file.endswith(".gz") else open)(file, "rb") as handle:
+            handle.seek(byte)
+            position, index_of_row = byte, row
+            try:
+                while raw := handle.readline():
+                    start, position = position, position + len(raw)
+                    if not raw.strip():
+                        continue  # blank lines are formatting, not records: no row
+                    current, index_of_row = index_of_row, index_of_row + 1
+                    if current % parts == part:
+                        yield (
+                            current,
+                            start,
+                            self._parse(raw, location=f"{file} (record {current}, byte {start})"),
+                        )
+            except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                self._bad_record(f"{file} (after byte {position}): {err}; expected a complete gzip file of JSON "
+                                 "lines (truncated download?)", reason="bad_gzip")  # fmt: skip
+
     def _parse(self, raw: bytes, *, location: str) -> dict | None:
         try:
             record = json.loads(raw)
@@ -324,6 +389,44 @@ class HFDataset(DocumentSource):
                 f"dataset {self.name!r} has no column {self.text_column!r}; expected one of {sorted(columns)}"
             )
         return ds
+
+    def _rows(self) -> Any:
+        if self._dataset is None:
+            self._dataset = self._load()
+        return self._dataset
+
+    def shards(self) -> list[Shard]:
+        """A stream's own shards (its files: local ones named and sized); a loaded dataset's ranges of
+        ``ROWS_PER_SHARD`` rows."""
+        ds = self._rows()
+        if not self.streaming:
+            starts = range(0, len(ds), ROWS_PER_SHARD)
+            return [Shard(f"rows {a}-{min(a + ROWS_PER_SHARD, len(ds))}", min(ROWS_PER_SHARD, len(ds) - a))
+                    for a in starts]  # fmt: skip
+        n, files = ds.num_shards, self.data_files or []
+        if len(files) == n and all(os.path.isfile(f) for f in files):
+            return [Shard(f, size) for f, size in zip(files, _sizes(files))]
+        return [Shard(f"{self.name}[{self.split}] shard {i} of {n}") for i in range(n)]
+
+    def iter_shard(
+        self, index: int, *, row: int = 0, byte: int = 0, part: int = 0, parts: int = 1
+    ) -> Iterator[tuple[int, int, dict | None]]:
+        """Rows of one shard from ``row``: a stream skips rows of that shard only (cost bounded by the shard,
+        never by the run's progress); a loaded dataset indexes them."""
+        ds = self._rows()
+        if self.streaming:
+            shard = ds.shard(num_shards=ds.num_shards, index=index, contiguous=True)
+            rows = enumerate(shard.skip(row) if row else shard, start=row)
+        else:
+            first = index * ROWS_PER_SHARD
+            rows = ((r, ds[first + r]) for r in range(row, min(ROWS_PER_SHARD, len(ds) - first)))
+        for r, record in rows:
+            if r % parts == part:
+                yield (
+                    r,
+                    0,
+                    self._record_doc(record, location=f"{self.name}[{self.split}] shard {index} row {r}"),
+                )
 
     def iter_raw(self, start: int = 0) -> Iterator[tuple[int, dict]]:
         """Yield the dataset's rows in order, beginning at row ``start``."""
