@@ -112,7 +112,8 @@ class CodeDataModule(pl.LightningDataModule):
         self._resume: dict | None = None
         self._fingerprint: str | None = None
         self._shards: list | None = None
-        self._seen: dict[int, list[int]] = {}  # logical stream -> dedup digests its position holds
+        # logical stream -> the dedup digests its position holds, as int64 arrays (8 bytes a document)
+        self._seen: dict[int, list[torch.Tensor]] = {}
 
     # values linked into the model by the CLI
     @property
@@ -366,7 +367,7 @@ class CodeDataModule(pl.LightningDataModule):
             if stats is not None:
                 self._stats[logical] = stats.tolist()
             if seen is not None:
-                self._seen.setdefault(logical, []).extend(seen.tolist())
+                self._seen.setdefault(logical, []).append(seen.cpu())
         return batch
 
     def data_stats(self) -> dict[str, float]:
@@ -410,7 +411,9 @@ class CodeDataModule(pl.LightningDataModule):
         mine = {
             "consumed": self._consumed,
             "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
-            "seen": [[k, torch.tensor(v, dtype=torch.int64)] for k, v in sorted(self._seen.items())],
+            "seen": [
+                [k, torch.cat([torch.zeros(0, dtype=torch.int64), *v])] for k, v in sorted(self._seen.items())
+            ],
         }
         state = {
             "signature": self._signature(),
@@ -444,6 +447,6 @@ class CodeDataModule(pl.LightningDataModule):
         mine = self._resume["ranks"][rank]
         self._consumed = mine["consumed"]
         self._cursors = {c[0]: c[1:] for c in mine["cursors"]}
-        self._seen = {k: digests.tolist() for k, digests in mine.get("seen", [])}
-        seen = {k: np.array(v, dtype=np.int64) for k, v in self._seen.items()}
+        self._seen = {k: [digests] for k, digests in mine.get("seen", [])}
+        seen = {k: digests.numpy() for k, digests in mine.get("seen", [])}
         return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen}

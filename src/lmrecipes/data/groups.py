@@ -136,7 +136,8 @@ class CodeFilters(Group):
     Args:
         keywords: keep only documents containing one of these strings (the course's filter); None keeps all.
         quality_filter: apply the book's line-length / alphanumeric / auto-generated heuristics.
-        dedup: drop exact duplicates (whitespace-insensitive), globally across ranks and workers.
+        dedup: drop exact duplicates (whitespace-insensitive) among the documents one stream (rank x worker)
+            reads; global exact de-duplication is ``lmrecipes prepare``'s.
     """
 
     keywords: list[str] | None = None
