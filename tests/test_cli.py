@@ -162,7 +162,9 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     edited = tmp_path / "edited"
     shutil.copytree(code_tree, edited)
     next(edited.rglob("*.py")).write_text("x = 1\n")  # the same files, one changed: a new fingerprint
-    with pytest.raises(ValueError, match=r"source: '\w+' -> '\w+'.*; shards: resized \['[\w/.]+\.py'\] \(1\)"):
+    with pytest.raises(
+        ValueError, match=r"source: '\w+' -> '\w+'.*; shards: resized \['[\w/.]+\.py'\] \(1\)"
+    ):
         main(fit_args(edited, tmp_path, *resume))
     with pytest.raises(ValueError, match=r"shuffle_buffer: 1000 -> 7"):
         main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.loader.shuffle_buffer", "7"))
