@@ -251,3 +251,12 @@ def test_a_changed_shard_list_is_described():
 def test_streams_outnumbering_shards_count_the_parts():
     assert [parts_per_shard(n, 8) for n in (1, 3, 8, 64)] == [8, 3, 1, 1]
     assert collections.Counter(parts_per_shard(5, s) for s in range(1, 6)) == {1: 5}
+
+
+def test_a_position_in_another_shard_is_refused(corpus, uninterrupted):
+    spec, full = uninterrupted
+    state = _resume_state(full[:3])
+    epoch, slot, shard, *rest = state["cursors"][0]
+    state["cursors"][0] = [epoch, slot, shard + 1, *rest]  # as if the file list had changed under the run
+    with pytest.raises(ValueError, match=rf"is in shard {shard + 1} .* now puts shard {shard} there"):
+        _take(PackedStream(spec, rank=0, world_size=1, resume=state), 1)

@@ -71,18 +71,26 @@ def describe_change(saved: list[list], now: list[Shard]) -> str:
 @dataclass(frozen=True)
 class Place:
     """Where a document sits in its stream: ``epoch``, ``slot`` (index into the stream's shard list of that
-    epoch), ``row``/``byte`` where its block starts in the shard, ``index`` in the block's emitted order; ``block``
-    numbers the blocks this process read (it tells which blocks' dedup digests a saved position needs)."""
+    epoch), ``row``/``byte`` where its block starts in the shard, ``index`` in the block's emitted order.
+    ``shard`` names the (shard x part) the slot held, so a resume can check the shard order is still the same;
+    ``block`` numbers the blocks this process read (it tells which blocks' dedup digests a saved position needs).
+    """
 
     epoch: int
     slot: int
     row: int
     byte: int
     index: int
+    shard: int = -1
     block: int = 0
 
     def as_list(self) -> list[int]:
-        return [self.epoch, self.slot, self.row, self.byte, self.index]
+        return [self.epoch, self.slot, self.shard, self.row, self.byte, self.index]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> Place:
+        epoch, slot, shard, row, byte, index = values
+        return cls(epoch, slot, row, byte, index, shard)
 
 
 class ShardReader:
@@ -111,13 +119,20 @@ class ShardReader:
             kept = 0
             for slot in range(resume.slot if resume else 0, len(slots)):
                 at = (resume.row, resume.byte) if resume else (0, 0)
+                shard = slots[slot][0] * self.parts + slots[slot][1]
+                if resume and resume.shard not in (-1, shard):
+                    raise ValueError(
+                        f"the saved position of stream {self.stream} of {self.streams} is in shard {resume.shard} "
+                        f"(x {self.parts} parts) but epoch {epoch}'s shard order now puts shard {shard} there: the "
+                        f"source's {len(self.shards)} shards or the seed changed since the checkpoint"
+                    )
                 for number, row, byte, docs in self._blocks_of(epoch, *slots[slot], *at):
                     order = block_order(len(docs), seed=self.seed, epoch=epoch, stream=self.stream, row=row,
                                         enabled=self.shuffle)  # fmt: skip
                     skip, resume = (resume.index if resume else 0), None
                     kept += len(docs)
                     yield [
-                        (Place(epoch, slot, row, byte, i, number), docs[order[i]])
+                        (Place(epoch, slot, row, byte, i, shard, number), docs[order[i]])
                         for i in range(skip, len(docs))
                     ]
                 resume = None

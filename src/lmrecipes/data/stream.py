@@ -3,7 +3,8 @@
 Each (rank, DataLoader worker) pair is one of ``S`` streams and reads its own shards of the source, reshuffled
 every epoch (see ``data/shards.py``): each document is read by one process per epoch. A stream yields whole
 batches, each tagged with ``position``: the place after that batch for the *logical* stream that produced it
-(epoch, shard slot, row and byte of the shuffle block's start, index in the block, token offset), so a resume
+(epoch, shard slot and the shard it holds, row and byte of the shuffle block's start, index in the block,
+token offset), so a resume
 opens one shard at one block instead of replaying the source. The DataModule keeps the position of the last batch
 actually trained on, which is exact even though Lightning prefetches batches (a loader's own state would count
 the prefetched one, which was never trained on). With de-duplication on, a batch also carries the digests of the
@@ -81,9 +82,9 @@ def load_tokenizer(path: str):
 
 
 class PackedStream(IterableDataset):
-    """Endless batches ``{"input_ids": (B, T), "position": (7,), "stats": (4,), "seen": (n,)}`` for one rank.
+    """Endless batches ``{"input_ids": (B, T), "position": (8,), "stats": (4,), "seen": (n,)}`` for one rank.
 
-    ``position`` is ``[logical stream, epoch, slot, row, byte, index, offset]`` after the batch; ``stats`` the
+    ``position`` is ``[logical stream, epoch, slot, shard, row, byte, index, offset]`` after the batch; ``stats`` the
     stream's documents seen and kept, and tokens tokenized and packed, since this process started; ``seen`` the
     de-duplication digests (uint64 as int64) of the blocks the position moved past since the previous batch.
     """
@@ -101,7 +102,7 @@ class PackedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         logical, workers = self._logical_stream()
-        *start, offset = self.resume["cursors"].get(logical, [0] * 6)
+        *start, offset = self.resume["cursors"].get(logical, [0, 0, -1, 0, 0, 0, 0])
         filters = self.spec.make_filters()
         seen = self.resume.get("seen", {}).get(logical)
         if seen is not None:
@@ -113,7 +114,7 @@ class PackedStream(IterableDataset):
         tokenizer = load_tokenizer(self.spec.tokenizer_path)
         packer = Packer(seq_len=self.spec.seq_len, eos_id=tokenizer.eos_token_id, mode=self.spec.mode)
         places: dict[int, Place] = {}  # packer's document number -> its place
-        for batch in self._batches(reader.groups(Place(*start)), packer, tokenizer, places, offset):
+        for batch in self._batches(reader.groups(Place.from_list(start)), packer, tokenizer, places, offset):
             cursor = packer.cursor()
             place = places.get(cursor.raw_index)
             if place is None:  # nothing buffered: the place right after the last document added
