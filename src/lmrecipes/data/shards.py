@@ -113,7 +113,7 @@ class ShardReader:
     def groups(self, start: Place) -> Iterator[list[tuple[Place, dict]]]:
         """Per block, the ``(place, doc)`` pairs still to emit (the first block's from ``start.index`` on)."""
         epoch, resume = start.epoch, start
-        whole = start.as_list()[1:] == [0, 0, 0, 0]  # this epoch is read from its start
+        whole = (start.slot, start.row, start.index) == (0, 0, 0)  # this epoch is read from its start
         while True:
             slots = stream_slots(len(self.shards), self.streams, self.stream, seed=self.seed, epoch=epoch)
             kept = 0
