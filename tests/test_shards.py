@@ -4,6 +4,7 @@ shuffles, exact resume that opens one shard at one block (never replaying the so
 import collections
 import functools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -260,3 +261,19 @@ def test_a_position_in_another_shard_is_refused(corpus, uninterrupted):
     state["cursors"][0] = [epoch, slot, shard + 1, *rest]  # as if the file list had changed under the run
     with pytest.raises(ValueError, match=rf"is in shard {shard + 1} .* now puts shard {shard} there"):
         _take(PackedStream(spec, rank=0, world_size=1, resume=state), 1)
+
+
+def test_the_datamodule_logs_the_read_amplification_and_dedup_scope(corpus, caplog):
+    from lmrecipes.data.clm import CodeDataModule
+
+    data = CodeDataModule(
+        tokenizer=corpus[1],
+        source={"train_source": str(corpus[0] / "one.jsonl"), "val_source": str(corpus[0] / "part0.jsonl")},
+        filters={"dedup": True},
+        loader={"batch_size": BATCH, "num_workers": 2},
+        progress=False,
+    )
+    with caplog.at_level(logging.INFO):
+        data.train_dataloader()
+    assert "1 shard(s) to 2 stream(s)" in caplog.text and "read amplification 2x" in caplog.text
+    assert "global exact de-duplication" in caplog.text

@@ -366,7 +366,7 @@ class CodeDataModule(pl.LightningDataModule):
             self._consumed += 1
             if stats is not None:
                 self._stats[logical] = stats.tolist()
-            if seen is not None:
+            if seen is not None and len(seen):  # most batches move past no block: nothing to keep
                 self._seen.setdefault(logical, []).append(seen.cpu())
         return batch
 
