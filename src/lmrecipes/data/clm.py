@@ -77,8 +77,8 @@ class CodeDataModule(pl.LightningDataModule):
             source: the documents, and which of them are held out for validation.
             filters: which documents are kept.
             packing: sequence length, packing mode, and streamed or pre-tokenized.
-            loader: batch sizes, DataLoader workers (streaming tokenization runs inside them) and the seed of the
-                per-epoch window order in pre-tokenized mode.
+            loader: batch sizes, DataLoader workers (streaming tokenization runs inside them), the seed of the
+                per-epoch shard order (streamed) or window order (pre-tokenized), and the streamed shuffle block.
             train_tokenizer: the tokenizer trained when ``tokenizer`` is missing.
             progress: show progress bars for corpus reading, tokenizer training and tokenization.
         """
