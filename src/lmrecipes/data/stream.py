@@ -36,7 +36,8 @@ from lmrecipes.data.sources import DocumentSource
 from lmrecipes.data.splits import is_heldout, path_is_heldout
 
 __all__ = ["PackedStream", "StreamSpec", "WindowStream", "is_heldout", "loader_options", "path_is_heldout"]
-TOKENIZE_DOCS = 64  # documents tokenized in one call (one file per block in a source tree)
+TOKENIZE_DOCS = 64  # documents tokenized in one call at most (one file per block in a source tree) ...
+TOKENIZE_CHARS = 1 << 17  # ... or about this many characters (code: ~50k tokens)
 
 
 def loader_options(num_workers: int, *, persistent: bool = True) -> dict:
@@ -131,20 +132,23 @@ class PackedStream(IterableDataset):
             }
 
     def _batches(self, groups, packer, tokenizer, places, offset) -> Iterator[np.ndarray]:
-        """Full (B, T) batches; tokenizes at least ``TOKENIZE_DOCS`` documents at a time."""
-        b, number, pending = self.spec.batch_size, 0, []
-        for group in groups:
-            pending += group
-            if len(pending) < TOKENIZE_DOCS:
+        """Full (B, T) batches. Documents are tokenized in chunks of ``TOKENIZE_DOCS`` documents or
+        ``TOKENIZE_CHARS`` characters, whichever comes first: big enough for batched tokenization, small enough
+        that a first batch (fresh or resumed) never waits for a whole shuffle block to be tokenized."""
+        b, number, chunk, chars = self.spec.batch_size, 0, [], 0
+        for item in itertools.chain.from_iterable(groups):
+            chunk.append(item)
+            chars += len(item[1]["content"])
+            if len(chunk) < TOKENIZE_DOCS and chars < TOKENIZE_CHARS:
                 continue
-            ids = encode_batch(tokenizer, [doc["content"] for _, doc in pending])
-            for (place, _), doc_ids in zip(pending, ids):
+            ids = encode_batch(tokenizer, [doc["content"] for _, doc in chunk])
+            for (place, _), doc_ids in zip(chunk, ids):
                 packer.add(number, doc_ids, skip=offset if number == 0 else 0, epoch=place.epoch)
                 places[number] = place
                 number += 1
                 while packer.buffered >= b * self.spec.seq_len:
                     yield packer.windows(limit=b)  # (B, T)
-            pending = []
+            chunk, chars = [], 0
 
 
 def _keep(doc: dict, *, filters: FilterPipeline, heldout: float) -> bool:
