@@ -196,6 +196,9 @@ def test_parquet_streamed_through_datasets_is_split_by_file(tmp_path):
     assert [s.name for s in shards] == sorted(str(p) for p in tmp_path.glob("*.parquet"))
     rows = [doc["content"] for _, _, doc in source.iter_shard(2, row=1)]
     assert rows == ["file 2 row 1", "file 2 row 2"]  # one file, from its row
+    loaded = open_source(str(tmp_path / "*.parquet"), streaming=False)  # map-style: ranges of rows
+    assert [(s.name, s.size) for s in loaded.shards()] == [("rows 0-12", 12)]
+    assert [r for r, _, _ in loaded.iter_shard(0, row=4, part=1, parts=3)] == [4, 7, 10]
     seen = [_paths_of(source, g, 2) for g in (0, 1)]
     assert sorted(seen[0] + seen[1]) == sorted(f"file {f} row {r}" for f in range(4) for r in range(3))
     assert {c.split(" row")[0] for c in seen[0]}.isdisjoint({c.split(" row")[0] for c in seen[1]})
