@@ -411,9 +411,8 @@ class CodeDataModule(pl.LightningDataModule):
         mine = {
             "consumed": self._consumed,
             "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
-            "seen": [
-                [k, torch.cat([torch.zeros(0, dtype=torch.int64), *v])] for k, v in sorted(self._seen.items())
-            ],
+            # dedup digests as one int64 tensor per stream; none without dedup (plain, comparable state)
+            "seen": [[k, torch.cat(v)] for k, v in sorted(self._seen.items()) if v],
         }
         state = {
             "signature": self._signature(),
