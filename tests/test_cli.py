@@ -130,6 +130,7 @@ def test_resume_continues_with_identical_losses(code_tree, tmp_path, monkeypatch
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tokenizer = ["--data.init_args.tokenizer", str(tmp_path / "tok")]
     every_step = ["--trainer.val_check_interval", "100", "--trainer.limit_val_batches", "0"]
+    every_step += ["--data.init_args.filters.dedup", "true"]  # its seen-set travels in the checkpoint
     for run in (straight, resumed):
         run.mkdir()
     monkeypatch.chdir(straight)
@@ -161,8 +162,12 @@ def test_resume_refuses_changed_data_settings(code_tree, tmp_path, monkeypatch):
     edited = tmp_path / "edited"
     shutil.copytree(code_tree, edited)
     next(edited.rglob("*.py")).write_text("x = 1\n")  # the same files, one changed: a new fingerprint
-    with pytest.raises(ValueError, match=r"source: '\w+' -> '\w+'"):
+    with pytest.raises(
+        ValueError, match=r"source: '\w+' -> '\w+'.*; shards: resized \['[\w/.]+\.py'\] \(1\)"
+    ):
         main(fit_args(edited, tmp_path, *resume))
+    with pytest.raises(ValueError, match=r"shuffle_buffer: 1000 -> 7"):
+        main(fit_args(code_tree, tmp_path, *resume, "--data.init_args.loader.shuffle_buffer", "7"))
     # A different world size: the checkpoint holds one rank's position, a 2-process run needs two.
     from lmrecipes.data.clm import CodeDataModule
 

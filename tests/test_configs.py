@@ -73,7 +73,7 @@ def test_several_configs_and_a_variant_of_a_variant(tmp_path, capsys):
     assert big["data"]["init_args"]["source"]["val_split"] == "validation"  # codeparrot-small.yaml
     # a variant's group keeps the keys it does not state: batch sizes from codeparrot.yaml, workers from -ds
     assert big["data"]["init_args"]["loader"] == {"batch_size": 2, "val_batch_size": 2, "num_workers": 4,
-                                                  "shuffle_seed": 0}  # fmt: skip
+                                                  "shuffle_seed": 0, "shuffle_buffer": 1000}  # fmt: skip
     assert big["trainer"]["precision"] == "bf16-mixed"  # codeparrot-small.yaml over codeparrot-ds.yaml
 
 
@@ -85,7 +85,14 @@ def test_data_groups_are_nested_options_and_take_null_on_the_command_line(capsys
                          "--data.init_args.loader.val_batch_size=null", "--data.init_args.loader.batch_size", "4",
                          "--data.init_args.source.val_max_docs", "~"], capsys)["data"]["init_args"]  # fmt: skip
     assert data["source"]["val_source"] is None and data["source"]["val_split"] == "validation"
-    assert data["loader"] == {"batch_size": 4, "val_batch_size": None, "num_workers": 4, "shuffle_seed": 0}
+    loader = {
+        "batch_size": 4,
+        "val_batch_size": None,
+        "num_workers": 4,
+        "shuffle_seed": 0,
+        "shuffle_buffer": 1000,
+    }
+    assert data["loader"] == loader
     assert data["source"]["val_max_docs"] is None and data["packing"]["mode"] == "overflow"
 
 

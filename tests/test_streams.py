@@ -1,4 +1,4 @@
-"""Packed streams over a real source tree and tokenizer: sharding, de-duplication, exact resume, token caches."""
+"""Token caches and pre-tokenized window streams over a real source tree and tokenizer (the streamed path is\ntested in test_shards.py)."""
 
 import functools
 import itertools
@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from lmrecipes.bpe import train_bpe_tokenizer
-from lmrecipes.data.filters import FilterPipeline, shard_of
 from lmrecipes.data.prepared import WindowStream
 from lmrecipes.data.pretokenize import (
-    encode_batch,
     window_starts,
 )
-from lmrecipes.data.sources import open_source
-from lmrecipes.data.stream import PackedStream, StreamSpec, is_heldout, path_is_heldout
+from lmrecipes.data.stream import is_heldout, path_is_heldout
 
 SEQ_LEN, BATCH = 16, 4
 TOKENS_PER_BATCH = SEQ_LEN * BATCH
@@ -53,37 +49,6 @@ def corpus(tmp_path_factory):
     return tree, str(root / "tokenizer")
 
 
-def _spec(corpus, **overrides) -> StreamSpec:
-    tree, tokenizer_path = corpus
-    fields = dict(
-        make_source=functools.partial(open_source, str(tree), progress=False),
-        make_filters=functools.partial(FilterPipeline, keywords=None, dedup=True),
-        tokenizer_path=tokenizer_path,
-        seq_len=SEQ_LEN,
-        batch_size=BATCH,
-        mode="concat",
-    )
-    return StreamSpec(**(fields | overrides))
-
-
-def _kept_docs(corpus, num_shards: int = 1, heldout: float = 0.0) -> list[list[tuple[int, list[int]]]]:
-    """Per shard: the (raw index, token ids) of each kept document, de-duplicated over the whole source."""
-    tree, tokenizer_path = corpus
-    filters = FilterPipeline(dedup=True)
-    shards = [[] for _ in range(num_shards)]
-    docs = [
-        (raw, doc)
-        for raw, doc in open_source(str(tree), progress=False).iter_raw()
-        if not is_heldout(doc, heldout) and filters(doc)
-    ]
-    if not heldout:
-        assert filters.counts["dropped_duplicate"] == 3 and filters.counts["dropped_empty"] == 2
-    ids = encode_batch(AutoTokenizer.from_pretrained(tokenizer_path), [doc["content"] for _, doc in docs])
-    for (raw, doc), doc_ids in zip(docs, ids):
-        shards[shard_of(doc, num_shards)].append((raw, doc_ids))
-    return shards
-
-
 def _joined(docs, eos: int) -> np.ndarray:
     return np.concatenate([np.asarray([*ids, eos], dtype=np.int64) for _, ids in docs])
 
@@ -93,139 +58,6 @@ def _take(stream, n: int) -> list[dict]:
     batches = [next(iterator) for _ in range(n)]
     del iterator  # shuts DataLoader workers down
     return batches
-
-
-def _cursor_to_token(docs, epoch_tokens: int, cursor) -> int:
-    """Index in the endless per-shard token stream at which a cursor (epoch, raw_index, offset) points."""
-    epoch, raw, offset = cursor
-    start = 0
-    for doc_raw, ids in docs:
-        if doc_raw >= raw:
-            return epoch * epoch_tokens + start + offset
-        start += len(ids) + 1
-    return (epoch + 1) * epoch_tokens + offset  # past the last document: the start of the next epoch
-
-
-@pytest.fixture(scope="module")
-def eos(corpus):
-    return AutoTokenizer.from_pretrained(corpus[1]).eos_token_id
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_cover_every_kept_document_once(corpus, eos, world_size):
-    shards = _kept_docs(corpus, world_size)
-    all_docs = sorted(d for shard in shards for d in shard)
-    assert len(all_docs) == 35 and all(shards)
-    epoch_streams = []
-    for rank, docs in enumerate(shards):
-        joined = _joined(docs, eos)  # one epoch of this rank
-        n = len(joined) // TOKENS_PER_BATCH + 3  # past the epoch boundary
-        batches = _take(PackedStream(_spec(corpus), rank=rank, world_size=world_size), n)
-        stream = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
-        assert all(b["input_ids"].shape == (BATCH, SEQ_LEN) for b in batches)
-        # Epoch 0 then the start of epoch 1, token for token: nothing lost or repeated at document boundaries.
-        expected = np.concatenate([joined, joined])[: len(stream)]
-        assert np.array_equal(stream, expected)
-        # Each position is the exact cursor after its batch; the epoch turns over where the data does.
-        for i, batch in enumerate(batches):
-            logical, *cursor = batch["position"].tolist()
-            assert logical == 0
-            assert _cursor_to_token(docs, len(joined), cursor) == (i + 1) * TOKENS_PER_BATCH
-        assert [b["position"][1].item() for b in batches][-1] == 1
-        stats = batches[0]["stats"].tolist()  # [seen, kept, tokens in, tokens packed]
-        assert stats[1:3] == [len(docs), sum(len(ids) for _, ids in docs)]
-        assert stats[3] == int((batches[0]["input_ids"] != eos).sum())
-        epoch_streams.append(stream[: len(joined)])
-    # Per document: its ids + EOS form one run starting at a document boundary, on exactly one rank.
-    for _, ids in all_docs:
-        run = np.asarray([*ids, eos])
-        hits = 0
-        for stream in epoch_streams:
-            windows = np.lib.stride_tricks.sliding_window_view(stream, len(run))
-            starts = np.flatnonzero((windows == run).all(axis=1))
-            hits += sum(1 for s in starts if s == 0 or stream[s - 1] == eos)
-        assert hits == 1
-
-
-def test_heldout_documents_are_skipped(corpus, eos):
-    (docs,) = _kept_docs(corpus, 1, heldout=0.3)
-    assert 15 < len(docs) < 32
-    joined = _joined(docs, eos)
-    batches = _take(PackedStream(_spec(corpus, heldout_fraction=0.3), rank=0, world_size=1), 6)
-    stream = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
-    assert np.array_equal(stream, joined[: len(stream)])
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(corpus):
-    """Rank 0 of 1, read directly for about 2.5 epochs."""
-    epoch_tokens = len(_joined(_kept_docs(corpus, 1)[0], 0))
-    return _take(PackedStream(_spec(corpus), rank=0, world_size=1), epoch_tokens * 5 // 2 // TOKENS_PER_BATCH)
-
-
-def _duplicate_pairs(corpus) -> list[tuple[int, int]]:
-    """(raw index of a document, raw index of its later duplicate)."""
-    first_seen, pairs = {}, []
-    for raw, doc in open_source(str(corpus[0]), progress=False).iter_raw():
-        key = "".join(doc["content"].split())
-        if key and key in first_seen:
-            pairs.append((first_seen[key], raw))
-        first_seen.setdefault(key, raw)
-    return pairs
-
-
-def test_resume_from_any_position_continues_exactly(corpus, uninterrupted):
-    epochs = [b["position"][1].item() for b in uninterrupted]
-    boundary = epochs.index(1)
-    stops = [0, 1, 7, boundary - 1, boundary, boundary + 2, epochs.index(2) - 1]
-    # Stops between a document and its duplicate: the resumed stream must still drop the duplicate.
-    pairs = _duplicate_pairs(corpus)
-    assert len(pairs) == 3
-    for original, duplicate in pairs:
-        between = [k for k in range(boundary) if original < uninterrupted[k]["position"][2] <= duplicate]
-        stops += between[:1]
-    assert len(stops) >= 8
-    for k in stops:
-        resume = {"consumed": k + 1, "cursors": {0: uninterrupted[k]["position"][1:].tolist()}}
-        resumed = _take(
-            PackedStream(_spec(corpus), rank=0, world_size=1, resume=resume), len(uninterrupted) - k - 1
-        )
-        for got, want in zip(resumed, uninterrupted[k + 1 :], strict=True):
-            assert torch.equal(got["input_ids"], want["input_ids"]), k
-            assert torch.equal(got["position"], want["position"]), k
-
-
-def test_resume_on_second_rank(corpus):
-    spec = _spec(corpus)
-    full = _take(PackedStream(spec, rank=1, world_size=2), 20)
-    resume = {"consumed": 12, "cursors": {0: full[11]["position"][1:].tolist()}}
-    resumed = _take(PackedStream(spec, rank=1, world_size=2, resume=resume), 8)
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, full[12:], strict=True))
-
-
-def _loader(stream) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=2)
-
-
-def test_dataloader_workers_round_robin_and_resume(corpus):
-    spec = _spec(corpus)
-    longest = max(len(_joined(docs, 0)) for docs in _kept_docs(corpus, 2))
-    n = 2 * (longest // TOKENS_PER_BATCH + 2)  # both workers pass an epoch boundary
-    full = _take(_loader(PackedStream(spec, rank=0, world_size=1)), n)
-    assert [b["position"][0].item() for b in full] == [0, 1] * (n // 2)
-    # Worker w of one rank reads shard w of 2: the same batches as ranks 0 and 1 of 2 read directly.
-    for logical in (0, 1):
-        direct = _take(PackedStream(spec, rank=logical, world_size=2), n // 2)
-        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[logical::2], direct))
-    assert min(full[-1]["position"][1].item(), full[-2]["position"][1].item()) >= 1
-    crossing = next(i for i, b in enumerate(full) if b["position"][1].item() == 1)
-    for consumed in (1, 6, 11, crossing + 1):
-        cursors = {b["position"][0].item(): b["position"][1:].tolist() for b in full[:consumed]}
-        resume = {"consumed": consumed, "cursors": cursors}
-        resumed = _take(_loader(PackedStream(spec, rank=0, world_size=1, resume=resume)), 6)
-        for got, want in zip(resumed, full[consumed : consumed + 6], strict=True):
-            assert torch.equal(got["input_ids"], want["input_ids"]), consumed
-            assert torch.equal(got["position"], want["position"]), consumed
 
 
 # ---------------------------------------------------------------- pre-tokenized windows

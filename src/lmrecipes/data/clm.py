@@ -27,15 +27,10 @@ from lmrecipes.data.packing import PACKING_MODES, iter_windows
 from lmrecipes.data.prepare import PrepareSpec, ensure_prepared
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import tokenize_groups, tokenizer_fingerprint
+from lmrecipes.data.shards import describe_change, parts_per_shard
 from lmrecipes.data.sources import SourceTree, open_source
-from lmrecipes.data.stream import (
-    PackedStream,
-    StreamSpec,
-    is_heldout,
-    load_tokenizer,
-    loader_options,
-    path_is_heldout,
-)
+from lmrecipes.data.splits import is_heldout, path_is_heldout
+from lmrecipes.data.stream import PackedStream, StreamSpec, load_tokenizer, loader_options
 from lmrecipes.ranks import gather_from_ranks
 
 REPORT_DOCS = 20  # documents held out to measure the tokenizer trained at first use (tokenizer_report.json)
@@ -78,8 +73,8 @@ class CodeDataModule(pl.LightningDataModule):
             source: the documents, and which of them are held out for validation.
             filters: which documents are kept.
             packing: sequence length, packing mode, and streamed or pre-tokenized.
-            loader: batch sizes, DataLoader workers (streaming tokenization runs inside them) and the seed of the
-                per-epoch window order in pre-tokenized mode.
+            loader: batch sizes, DataLoader workers (streaming tokenization runs inside them), the seed of the
+                per-epoch shard order (streamed) or window order (pre-tokenized), and the streamed shuffle block.
             train_tokenizer: the tokenizer trained when ``tokenizer`` is missing.
             progress: show progress bars for corpus reading, tokenizer training and tokenization.
         """
@@ -112,6 +107,9 @@ class CodeDataModule(pl.LightningDataModule):
         self._stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
         self._fingerprint: str | None = None
+        self._shards: list | None = None
+        # logical stream -> the dedup digests its position holds, as int64 arrays (8 bytes a document)
+        self._seen: dict[int, list[torch.Tensor]] = {}
 
     # values linked into the model by the CLI
     @property
@@ -257,6 +255,10 @@ class CodeDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _windowed(self) -> bool:
+        """Training reads pre-tokenized windows (a prepared folder, or one built in cache_dir), not a stream."""
+        return self.packing.pretokenize or self.packing.prepared is not None
+
     def _token_windows(self) -> tuple[PreparedData, np.ndarray, np.ndarray]:
         """(prepared data, shard of each window, window starts) of the pre-tokenized training set: the folder
         ``packing.prepared`` names, or the one ``pretokenize`` builds under ``cache_dir``."""
@@ -278,7 +280,7 @@ class CodeDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int | None:
         """Batches per rank that use every training window once (pre-tokenized data); None when streamed, whose
         length nobody knows before reading it all."""
-        if not self.packing.pretokenize and self.packing.prepared is None:
+        if not self._windowed():
             return None
         _, world = self._rank_world()
         return len(self._token_windows()[2]) // (self.loader.batch_size * world)
@@ -287,7 +289,7 @@ class CodeDataModule(pl.LightningDataModule):
         p, batch_size = self.packing, self.loader.batch_size
         rank, world = self._rank_world()
         resume = self._resume_for(rank, world)
-        if p.pretokenize or p.prepared is not None:
+        if self._windowed():
             data, files, starts = self._token_windows()
             m = data.manifest
             rank_zero_info(
@@ -315,13 +317,38 @@ class CodeDataModule(pl.LightningDataModule):
                 batch_size=batch_size,
                 mode=p.mode,
                 heldout_fraction=self._heldout(),
+                shuffle_buffer=self.loader.shuffle_buffer,
+                seed=self._shuffle_seed(),
             )
+            self._log_streams(world * max(1, self.loader.num_workers))
             dataset = PackedStream(spec, rank=rank, world_size=world, resume=resume)
         return DataLoader(
             dataset,
             batch_size=None,
             **loader_options(self.loader.num_workers),
         )
+
+    def _shard_list(self) -> list:
+        """The training source's shards, listed once per run."""
+        if self._shards is None:
+            self._shards = self._source("train").shards()
+        return self._shards
+
+    def _log_streams(self, streams: int) -> None:
+        """Rank 0, once: how the shards spread over the streams, and what that costs."""
+        n = len(self._shard_list())
+        parts = parts_per_shard(n, streams)
+        rank_zero_info(
+            f"streaming {n:,} shard(s) to {streams} stream(s) (ranks x DataLoader workers): "
+            + (f"fewer shards than streams, each is split into {parts} row-interleaved parts, so every document "
+               f"is read {parts} times per epoch (read amplification {parts}x); more files avoid it"
+               if parts > 1 else "each document is read once per epoch")
+        )  # fmt: skip
+        if self.filters.dedup and streams > 1:
+            rank_zero_info(
+                "data.filters.dedup drops documents repeated within one stream's shards only; global exact "
+                "de-duplication across all shards is what `lmrecipes prepare` does"
+            )
 
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
@@ -335,12 +362,17 @@ class CodeDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         position = batch.pop("position", None)
         stats = batch.pop("stats", None)
+        seen = batch.pop("seen", None)
         if position is not None and self.trainer is not None and self.trainer.training:
             logical, *cursor = position.tolist()
+            if self._cursors.get(logical, [None])[0] != cursor[0]:  # a new epoch: its own seen-set
+                self._seen[logical] = []
             self._cursors[logical] = cursor
             self._consumed += 1
             if stats is not None:
                 self._stats[logical] = stats.tolist()
+            if seen is not None and len(seen):  # most batches move past no block: nothing to keep
+                self._seen.setdefault(logical, []).append(seen.cpu())
         return batch
 
     def data_stats(self) -> dict[str, float]:
@@ -363,9 +395,12 @@ class CodeDataModule(pl.LightningDataModule):
             "seq_len": p.seq_len,
             "packing": p.mode,
             # streamed positions are per DataLoader worker; pre-tokenized ones are one count for all
-            "num_workers": None if p.pretokenize or p.prepared else max(1, loader.num_workers),
+            "num_workers": None if self._windowed() else max(1, loader.num_workers),
             "pretokenize": p.pretokenize if p.prepared is None else self._prepared_fingerprint(),
             "shuffle_seed": self._shuffle_seed(),
+            # streamed positions are places in shards (format 2); checkpoints of the content-hash streams lack it
+            "stream_format": None if self._windowed() else 2,
+            "shuffle_buffer": None if self._windowed() else loader.shuffle_buffer,
             "source": self._source_fingerprint(),
             "filters": [f.keywords, f.quality_filter, f.dedup, self._heldout()],
         }
@@ -382,9 +417,19 @@ class CodeDataModule(pl.LightningDataModule):
         return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict:
-        mine = {"consumed": self._consumed, "cursors": [[k, *v] for k, v in sorted(self._cursors.items())]}
-        # every rank's position, not only rank 0's
-        return {"signature": self._signature(), "ranks": gather_from_ranks(mine)}
+        mine = {
+            "consumed": self._consumed,
+            "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
+            # dedup digests as one int64 tensor per stream; none without dedup (plain, comparable state)
+            "seen": [[k, torch.cat(v)] for k, v in sorted(self._seen.items()) if v],
+        }
+        state = {
+            "signature": self._signature(),
+            "ranks": gather_from_ranks(mine),
+        }  # every rank's, not only rank 0's
+        if not self._windowed():  # to name what changed if the source does
+            state["shards"] = [[shard.name, shard.size] for shard in self._shard_list()]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state
@@ -399,6 +444,10 @@ class CodeDataModule(pl.LightningDataModule):
             changed["world_size"] = (len(self._resume["ranks"]), world)
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            if "source" in changed and "shards" in self._resume:
+                detail += (
+                    f"; shards: {describe_change(self._resume['shards'], self._shard_list()) or 'same list'}"
+                )
             raise ValueError(
                 f"cannot resume the data position: the checkpoint was written with different data settings ({detail}). "
                 "Resume with the original settings, or start a new run from the weights (model.pretrained)."
@@ -406,4 +455,6 @@ class CodeDataModule(pl.LightningDataModule):
         mine = self._resume["ranks"][rank]
         self._consumed = mine["consumed"]
         self._cursors = {c[0]: c[1:] for c in mine["cursors"]}
-        return {"consumed": self._consumed, "cursors": dict(self._cursors)}
+        self._seen = {k: [digests] for k, digests in mine.get("seen", [])}
+        seen = {k: digests.numpy() for k, digests in mine.get("seen", [])}
+        return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen}

@@ -85,12 +85,15 @@ class LoaderConfig(Group):
         num_workers: DataLoader worker processes.
         shuffle_seed: seed of the training order (epoch e's order depends on it and e only); None: the run's
             ``seed_everything`` value.
+        shuffle_buffer: streamed causal-LM data: documents read and emitted in a seeded random order at a time
+            (the book's 1,000); 0 keeps each shard's order. Shards are reordered every epoch either way.
     """
 
     batch_size: int = 32
     val_batch_size: int | None = None
     num_workers: int = 0
     shuffle_seed: int | None = None
+    shuffle_buffer: int = 1000
 
 
 # -- causal LM (data/clm.py) --
@@ -133,7 +136,8 @@ class CodeFilters(Group):
     Args:
         keywords: keep only documents containing one of these strings (the course's filter); None keeps all.
         quality_filter: apply the book's line-length / alphanumeric / auto-generated heuristics.
-        dedup: drop exact duplicates (whitespace-insensitive), globally across ranks and workers.
+        dedup: drop exact duplicates (whitespace-insensitive) among the documents one stream (rank x worker)
+            reads; global exact de-duplication is ``lmrecipes prepare``'s.
     """
 
     keywords: list[str] | None = None

@@ -1,10 +1,15 @@
 """Infinite packed-token streams that own their position.
 
-Each (rank, DataLoader worker) pair reads one *shard* of the documents. Documents go to shards by a hash of their
-content, so identical documents always meet in the same shard and per-shard de-duplication is global. A stream
-yields whole batches, each tagged with ``position``: the cursor after that batch for the *logical* stream that
-produced it. The DataModule keeps the position of the last batch actually trained on, which is exact even though
-Lightning prefetches batches (a loader's own state would count the prefetched one, which was never trained on).
+Each (rank, DataLoader worker) pair is one of ``S`` streams and reads its own shards of the source, reshuffled
+every epoch (see ``data/shards.py``): each document is read by one process per epoch. A stream yields whole
+batches, each tagged with ``position``: the place after that batch for the *logical* stream that produced it
+(epoch, shard slot and the shard it holds, row and byte of the shuffle block's start, index in the block,
+token offset), so a resume
+opens one shard at one block instead of replaying the source. The DataModule keeps the position of the last batch
+actually trained on, which is exact even though Lightning prefetches batches (a loader's own state would count
+the prefetched one, which was never trained on). With de-duplication on, a batch also carries the digests of the
+blocks its position has moved past, so the saved position holds the stream's seen-set and a resume does not
+replay the source to rebuild it.
 
 DataLoader workers hand out batches round-robin, worker 0 first. On resume, after ``consumed`` batches, physical
 worker ``w`` plays logical stream ``(w + consumed) % W``, so batches keep their uninterrupted order.
@@ -12,20 +17,27 @@ worker ``w`` plays logical stream ``(w + consumed) % W``, so batches keep their 
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import itertools
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lmrecipes.data.filters import FilterPipeline, shard_of
-from lmrecipes.data.packing import Cursor, Packer
+from lmrecipes.data.filters import FilterPipeline
+from lmrecipes.data.packing import Packer
 from lmrecipes.data.pretokenize import encode_batch
+from lmrecipes.data.shards import Place, ShardReader
 from lmrecipes.data.sources import DocumentSource
+from lmrecipes.data.splits import is_heldout, path_is_heldout
+
+__all__ = ["PackedStream", "StreamSpec", "is_heldout", "loader_options", "path_is_heldout"]
+TOKENIZE_DOCS = 64  # documents tokenized in one call at most (one file per block in a source tree) ...
+TOKENIZE_CHARS = 1 << 17  # ... or about this many characters (code: ~50k tokens)
 
 
 def loader_options(num_workers: int, *, persistent: bool = True) -> dict:
@@ -51,19 +63,6 @@ def own_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))  # seed_everything's value
 
 
-def is_heldout(doc: dict, fraction: float) -> bool:
-    """Stable train/validation split by a hash of the document's root-relative path (``split_key``) or, for
-    sources without one, its ``path`` — the same on every rank and wherever the files live."""
-    return path_is_heldout(str(doc.get("split_key", doc["path"])), fraction)
-
-
-def path_is_heldout(path: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 1_000_000 < fraction * 1_000_000
-
-
 @dataclass
 class StreamSpec:
     """Everything a worker needs to rebuild its stream; plain values so it pickles into workers."""
@@ -75,7 +74,8 @@ class StreamSpec:
     batch_size: int
     mode: str = "concat"
     heldout_fraction: float = 0.0  # documents in the held-out split are skipped by the training stream
-    tokenize_batch: int = 64
+    shuffle_buffer: int = 1000  # rows per shuffle block (0: source order)
+    seed: int = 0  # shard order and block shuffles depend on (seed, epoch) only
 
 
 def load_tokenizer(path: str):
@@ -85,10 +85,11 @@ def load_tokenizer(path: str):
 
 
 class PackedStream(IterableDataset):
-    """Endless batches ``{"input_ids": (B, T), "position": (4,), "stats": (4,)}`` for one rank.
+    """Endless batches ``{"input_ids": (B, T), "position": (8,), "stats": (4,), "seen": (n,)}`` for one rank.
 
-    ``position`` is ``[logical stream, epoch, raw_index, offset]`` after the batch; ``stats`` the stream's
-    documents seen and kept, and tokens tokenized and packed, since this process started.
+    ``position`` is ``[logical stream, epoch, slot, shard, row, byte, index, offset]`` after the batch; ``stats`` the
+    stream's documents seen and kept, and tokens tokenized and packed, since this process started; ``seen`` the
+    de-duplication digests (uint64 as int64) of the blocks the position moved past since the previous batch.
     """
 
     def __init__(self, spec: StreamSpec, *, rank: int, world_size: int, resume: dict | None = None):
@@ -104,59 +105,53 @@ class PackedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         logical, workers = self._logical_stream()
-        shard, num_shards = self.rank * workers + logical, self.world_size * workers
-        start = Cursor(*self.resume["cursors"].get(logical, [0, 0, 0]))
+        *start, offset = self.resume["cursors"].get(logical, [0, 0, -1, 0, 0, 0, 0])
+        filters = self.spec.make_filters()
+        seen = self.resume.get("seen", {}).get(logical)
+        if seen is not None:
+            filters.load_seen(np.asarray(seen).astype(np.uint64))
+        keep = functools.partial(_keep, filters=filters, heldout=self.spec.heldout_fraction)
+        reader = ShardReader(self.spec.make_source(), filters, keep, stream=self.rank * workers + logical,
+                             streams=self.world_size * workers, seed=self.spec.seed,
+                             block_rows=self.spec.shuffle_buffer)  # fmt: skip
         tokenizer = load_tokenizer(self.spec.tokenizer_path)
         packer = Packer(seq_len=self.spec.seq_len, eos_id=tokenizer.eos_token_id, mode=self.spec.mode)
-        filters = self.spec.make_filters()
-        for batch in self._batches(packer, tokenizer, filters, shard, num_shards, start):
-            position = torch.tensor([logical, *packer.cursor().as_list()])
+        places: dict[int, Place] = {}  # packer's document number -> its place
+        for batch in self._batches(reader.groups(Place.from_list(start)), packer, tokenizer, places, offset):
+            cursor = packer.cursor()
+            place = places.get(cursor.raw_index)
+            if place is None:  # nothing buffered: the place right after the last document added
+                place = replace(places[cursor.raw_index - 1], index=places[cursor.raw_index - 1].index + 1)
+            for number in [n for n in places if n < cursor.raw_index - 1]:
+                del places[number]
+            digests = reader.digests_before(place)
             counts = [filters.counts["seen"], filters.counts["kept"], packer.tokens_in, packer.tokens_out]
-            yield {"input_ids": torch.from_numpy(batch), "position": position, "stats": torch.tensor(counts)}
+            yield {
+                "input_ids": torch.from_numpy(batch),
+                "position": torch.tensor([logical, *place.as_list(), cursor.offset]),
+                "stats": torch.tensor(counts),
+                "seen": torch.from_numpy(digests.view(np.int64)),
+            }
 
-    def _batches(self, packer, tokenizer, filters, shard, num_shards, start) -> Iterator[np.ndarray]:
-        b = self.spec.batch_size
-        for epoch, group in self._doc_groups(filters, shard, num_shards, start):
-            ids = encode_batch(tokenizer, [doc["content"] for _, doc in group])
-            for (raw_index, _), doc_ids in zip(group, ids):
-                skip = start.offset if (epoch, raw_index) == (start.epoch, start.raw_index) else 0
-                packer.add(raw_index, doc_ids, skip=skip, epoch=epoch)
-            while packer.buffered >= b * self.spec.seq_len:
-                yield packer.windows(limit=b)  # (B, T)
+    def _batches(self, groups, packer, tokenizer, places, offset) -> Iterator[np.ndarray]:
+        """Full (B, T) batches. Documents are tokenized in chunks of ``TOKENIZE_DOCS`` documents or
+        ``TOKENIZE_CHARS`` characters, whichever comes first: big enough for batched tokenization, small enough
+        that a first batch (fresh or resumed) never waits for a whole shuffle block to be tokenized."""
+        b, number, chunk, chars = self.spec.batch_size, 0, [], 0
+        for item in itertools.chain.from_iterable(groups):
+            chunk.append(item)
+            chars += len(item[1]["content"])
+            if len(chunk) < TOKENIZE_DOCS and chars < TOKENIZE_CHARS:
+                continue
+            ids = encode_batch(tokenizer, [doc["content"] for _, doc in chunk])
+            for (place, _), doc_ids in zip(chunk, ids):
+                packer.add(number, doc_ids, skip=offset if number == 0 else 0, epoch=place.epoch)
+                places[number] = place
+                number += 1
+                while packer.buffered >= b * self.spec.seq_len:
+                    yield packer.windows(limit=b)  # (B, T)
+            chunk, chars = [], 0
 
-    def _doc_groups(self, filters, shard, num_shards, start) -> Iterator[tuple[int, list]]:
-        """Groups of kept ``(raw_index, doc)`` for this shard, epoch after epoch, from ``start`` on."""
-        epoch, first = start.epoch, start.raw_index
-        while True:
-            source = self.spec.make_source()
-            if first and filters.dedup:
-                self._replay(source, filters, shard, num_shards, stop=first)
-            group, kept = [], 0
-            for raw_index, doc in source.iter_raw(start=first):
-                if self._keep(doc, filters, shard, num_shards):
-                    group.append((raw_index, doc))
-                    kept += 1
-                if len(group) == self.spec.tokenize_batch:
-                    yield epoch, group
-                    group = []
-            if group:
-                yield epoch, group
-            if kept == 0 and first == 0:
-                raise ValueError(
-                    f"shard {shard} of {num_shards} received no training documents in a whole pass over the "
-                    f"source ({filters.summary()}); use fewer DataLoader workers/processes or a larger corpus"
-                )
-            epoch, first = epoch + 1, 0
-            filters.reset_dedup()
 
-    def _keep(self, doc, filters, shard, num_shards) -> bool:
-        if shard_of(doc, num_shards) != shard or is_heldout(doc, self.spec.heldout_fraction):
-            return False
-        return filters(doc)
-
-    def _replay(self, source, filters, shard, num_shards, *, stop: int) -> None:
-        """Rebuild the de-duplication set for documents before ``stop`` (resume without a stored set)."""
-        for raw_index, doc in source.iter_raw(start=0):
-            if raw_index >= stop:
-                break
-            self._keep(doc, filters, shard, num_shards)
+def _keep(doc: dict, *, filters: FilterPipeline, heldout: float) -> bool:
+    return not is_heldout(doc, heldout) and filters(doc)
