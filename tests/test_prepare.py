@@ -155,6 +155,45 @@ def test_every_window_of_a_prepared_folder_once_per_epoch(built, world_size, wor
     assert run[:n] != run[n : 2 * n]  # reshuffled each epoch
 
 
+def _window_run(data, files, starts, *, seq_len, batch_size, world_size, steps, resume=None) -> list[tuple]:
+    """The windows ``steps`` global batches of ``world_size`` ranks train on, in the order of the global batches."""
+    per_rank = []
+    for rank in range(world_size):
+        stream = WindowStream(data, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
+                              rank=rank, world_size=world_size, resume=resume)  # fmt: skip
+        per_rank.append([[tuple(r) for r in b["input_ids"].tolist()] for b in itertools.islice(stream, steps)])
+    return [w for s in range(steps) for mine in per_rank for w in mine[s]]
+
+
+@pytest.mark.parametrize("old_world, new_world, steps_before", [(2, 1, 3), (1, 2, 5), (3, 2, 2)])
+def test_prepared_windows_resume_on_another_world_size_once_each(
+    corpus, built, old_world, new_world, steps_before
+):
+    """Resumed on another number of processes, the windows go on where the global sample count stopped: over two
+    epochs every window is trained once per epoch, none twice and none skipped (the DataModule's conversion)."""
+    tree, tok = corpus
+    data = PreparedData(built[2])
+    seq_len, batch_size = 512, 5
+    files, starts = data.windows(seq_len)
+    n = len(starts)
+    windows = Counter(tuple(data.tokens(f)[s : s + seq_len].tolist()) for f, s in zip(files, starts))
+    before = _window_run(data, files, starts, seq_len=seq_len, batch_size=batch_size, world_size=old_world,
+                         steps=steps_before)  # fmt: skip
+    dm = CodeDataModule(tokenizer=tok, source={"train_source": str(tree)}, progress=False,
+                        packing={"seq_len": seq_len, "prepared": str(built[2])},
+                        loader={"batch_size": batch_size, "shuffle_seed": 1})  # fmt: skip
+    saved = {"consumed": steps_before, "base": 0, "cursors": [], "seen": []}
+    dm.load_state_dict({"signature": dm._signature(), "ranks": [saved] * old_world})
+    resume = dm._resume_for(0, new_world)
+    assert resume["base"] == steps_before * old_world * batch_size and resume["consumed"] == 0
+    left = -(-(2 * n - len(before)) // (new_world * batch_size))
+    after = _window_run(data, files, starts, seq_len=seq_len, batch_size=batch_size, world_size=new_world,
+                        steps=left, resume=resume)  # fmt: skip
+    run = before + after
+    assert Counter(run[:n]) == windows and Counter(run[n : 2 * n]) == windows
+    assert dm.state_dict()["ranks"][0]["base"] == resume["base"]  # saved again for the next resume
+
+
 @pytest.mark.slow
 def test_training_from_a_prepared_folder_resumes_exactly(code_tree, tmp_path, monkeypatch):
     """``lmrecipes prepare`` then fit from the folder (2 DataLoader workers): stopped after 3 steps and resumed

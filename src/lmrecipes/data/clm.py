@@ -24,6 +24,7 @@ from lmrecipes.data.groups import (
     plain,
 )
 from lmrecipes.data.packing import PACKING_MODES, iter_windows
+from lmrecipes.data.position import windows_done
 from lmrecipes.data.prepare import PrepareSpec, ensure_prepared
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import tokenize_groups, tokenizer_fingerprint
@@ -102,7 +103,7 @@ class CodeDataModule(pl.LightningDataModule):
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {self.tokenizer_path!r} has no EOS token; packing needs one")
         self._val_batches: list[dict] | None = None
-        self._consumed = 0
+        self._consumed, self._base = 0, 0
         self._cursors: dict[int, list[int]] = {}
         self._stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
@@ -419,6 +420,7 @@ class CodeDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         mine = {
             "consumed": self._consumed,
+            "base": self._base,  # pre-tokenized windows done at earlier world sizes
             "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
             # dedup digests as one int64 tensor per stream; none without dedup (plain, comparable state)
             "seen": [[k, torch.cat(v)] for k, v in sorted(self._seen.items()) if v],
@@ -440,8 +442,10 @@ class CodeDataModule(pl.LightningDataModule):
             return None
         saved, now = self._resume["signature"], self._signature()
         changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-        if len(self._resume["ranks"]) != world:
-            changed["world_size"] = (len(self._resume["ranks"]), world)
+        old_world = len(self._resume["ranks"])
+        if old_world != world and not self._windowed():
+            # a streamed position is per (rank, worker) stream and its shards: it has no global sample count
+            changed["world_size"] = (old_world, world)
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             if "source" in changed and "shards" in self._resume:
@@ -452,9 +456,19 @@ class CodeDataModule(pl.LightningDataModule):
                 f"cannot resume the data position: the checkpoint was written with different data settings ({detail}). "
                 "Resume with the original settings, or start a new run from the weights (model.pretrained)."
             )
+        if old_world != world:  # pre-tokenized windows: one global sample sequence, dealt out again
+            saved = self._resume["ranks"][0]
+            self._base = windows_done(base=saved.get("base", 0), consumed=saved["consumed"], world_size=old_world,
+                                      batch_size=self.loader.batch_size)  # fmt: skip
+            rank_zero_info(
+                f"lmrecipes: resuming a data position saved by {old_world} processes on {world}: {self._base:,} "
+                "pre-tokenized windows done; the sequence goes on from there"
+            )
+            return {"consumed": 0, "cursors": {}, "base": self._base}
         mine = self._resume["ranks"][rank]
+        self._base = mine.get("base", 0)
         self._consumed = mine["consumed"]
         self._cursors = {c[0]: c[1:] for c in mine["cursors"]}
         self._seen = {k: [digests] for k, digests in mine.get("seen", [])}
         seen = {k: digests.numpy() for k, digests in mine.get("seen", [])}
-        return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen}
+        return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen, "base": self._base}

@@ -14,6 +14,8 @@ Contract (what a DataModule that shuffles one global order per epoch and deals i
   epoch as ``len(loader)`` batches of the current world, so done + left must add up to that.
 
 Pure functions of plain integers; the map-style recipes use them through ``data/samplers.py``'s ``TrainPosition``.
+The pre-tokenized CLM windows (``data/prepared.py``'s ``WindowStream``) run one endless global sample sequence
+across epochs instead; :func:`windows_done` is their one count (see there).
 """
 
 from __future__ import annotations
@@ -70,3 +72,10 @@ def lightning_batches(position: EpochPosition, *, rows: int, world_size: int, ba
     """The batches of the epoch Lightning must count as done so that done + left = ``ceil(rows / global batch)``."""
     whole = math.ceil(rows / _global_batch(world_size, batch_size))
     return whole - batches_left(position, rows=rows, world_size=world_size, batch_size=batch_size)
+
+
+def windows_done(*, base: int, consumed: int, world_size: int, batch_size: int) -> int:
+    """Global samples of a ``WindowStream`` trained on: ``base`` (done at earlier world sizes) plus ``consumed``
+    batches of ``world_size * batch_size`` samples (every rank runs the same number of batches). A resize keeps
+    this count and restarts the batch count at 0, so the new world deals out the same sample sequence from there."""
+    return base + consumed * _global_batch(world_size, batch_size)

@@ -170,8 +170,9 @@ class WindowStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         n, orders = len(self.starts), {}
+        base = self.resume.get("base", 0)  # samples done at earlier world sizes (data/position.py)
         for s in itertools.count(self.resume["consumed"] + worker, workers):
-            first = (s * self.world_size + self.rank) * self.batch_size
+            first = base + (s * self.world_size + self.rank) * self.batch_size
             epochs = range(first // n, (first + self.batch_size - 1) // n + 1)  # one, or two at a boundary
             orders = {e: orders[e] if e in orders else self._order(e) for e in epochs}
             picks = [orders[g // n][g % n] for g in range(first, first + self.batch_size)]
