@@ -16,8 +16,9 @@ W in ``--worlds`` (one process playing rank 0 of W streams, no DataLoader worker
   Best-of, because the machines this runs on are shared and noise only ever adds time.
 
 Prints one JSON object per line (an ``env`` line, a ``stream_scale`` line per format and W) and then a table on
-stderr. Formats are rows of ``FORMATS``: the pre-tokenized folder of ``lmrecipes prepare`` (bench_prepare.py)
-adds its rows there.
+stderr. Formats are rows of ``FORMATS``, plus ``prepared``: the same JSONL files through ``lmrecipes prepare``
+(2 processes) into a prepared folder, read by rank 0 of W as training reads it (``WindowStream``: windows read per
+window delivered, tokens/s of rank 0's batches, first batch resumed at 90 % of an epoch vs at its start).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import torch
 
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.filters import FilterPipeline
+from lmrecipes.data.prepare import PrepareSpec, prepare
+from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.shards import stream_slots
 from lmrecipes.data.sources import DocumentSource, open_source, sanitize_text
 from lmrecipes.data.stream import PackedStream, StreamSpec
@@ -142,6 +145,44 @@ def measure(spec: StreamSpec, name: str, args) -> list[dict]:
     return rows
 
 
+def prepared_stream(data: PreparedData, world: int, args, consumed: int = 0) -> WindowStream:
+    files, starts = data.windows(args.ctx)
+    return WindowStream(data, starts, files=files, seq_len=args.ctx, batch_size=args.batch_size, seed=0, rank=0,
+                        world_size=world, resume={"consumed": consumed, "cursors": {}})  # fmt: skip
+
+
+def measure_prepared(folder: Path, tokenizer: str, args) -> list[dict]:
+    """The ``prepared`` rows: rank 0 of W reads only its own windows (exactly once per epoch over all ranks)."""
+    spec = PrepareSpec(make_source=functools.partial(open_source, str(folder / FORMATS["jsonl"]), progress=False),
+                       source_fingerprint="bench", tokenizer_path=tokenizer, dedup=False)  # fmt: skip
+    data = PreparedData(prepare(spec, folder / "prepared", num_proc=2))
+    windows = len(data.windows(args.ctx)[1])
+    rows = []
+    for world in args.worlds:
+        runs, starts = [], []
+        per_epoch = windows // (world * args.batch_size)  # rank 0's batches in one epoch
+        for _ in range(args.repeats):
+            start, tokens, batches = time.perf_counter(), 0, 0
+            for batch in prepared_stream(data, world, args):
+                tokens, batches = tokens + batch["input_ids"].numel(), batches + 1
+                if tokens >= args.tokens:
+                    break
+            runs.append(tokens / (time.perf_counter() - start))
+            timed = []
+            for consumed in (0, int(0.9 * per_epoch)):
+                start = time.perf_counter()
+                next(iter(prepared_stream(data, world, args, consumed)))
+                timed.append(time.perf_counter() - start)
+            starts.append(timed)
+        at0, at90 = min(t[0] for t in starts), min(t[1] for t in starts)
+        row = {"format": "prepared", "world": world, "read_per_kept": None, "tokens_per_s": max(runs),
+               "kept": windows, "resumed_at": 0.9, "first_batch_s_at_0": at0, "first_batch_s_at_90": at90,
+               "resume_ratio": at90 / at0}  # fmt: skip
+        print(json.dumps({"stream_scale": row}), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-docs", type=int, default=1600)
@@ -166,11 +207,15 @@ def main() -> None:
         train_bpe_tokenizer(texts[:200], vocab_size=1000, progress=False).save_pretrained(folder / "tok")
         for name, pattern in FORMATS.items():
             rows += measure(make_spec(folder, pattern, str(folder / "tok"), args), name, args)
+        rows += measure_prepared(folder, str(folder / "tok"), args)
     log(
         f"{'format':<18} {'W':>3} {'read/kept':>9} {'tokens/s':>10} {'1st batch@0 s':>13} {'@90 s':>7} {'ratio':>6}"
     )
     for r in rows:
-        log(f"{r['format']:<18} {r['world']:>3} {r['read_per_kept']:>9.3f} {r['tokens_per_s']:>10,.0f} "
+        read = (
+            "-" if r["read_per_kept"] is None else f"{r['read_per_kept']:.3f}"
+        )  # prepared: windows, no parsing
+        log(f"{r['format']:<18} {r['world']:>3} {read:>9} {r['tokens_per_s']:>10,.0f} "
             f"{r['first_batch_s_at_0']:>13.3f} {r['first_batch_s_at_90']:>7.3f} {r['resume_ratio']:>6.2f}")  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from lmrecipes.data.groups import (
     plain,
 )
 from lmrecipes.data.packing import PACKING_MODES, iter_windows
-from lmrecipes.data.position import windows_done
+from lmrecipes.data.position import StreamPosition, check_same_data
 from lmrecipes.data.prepare import PrepareSpec, ensure_prepared
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import tokenize_groups, tokenizer_fingerprint
@@ -103,14 +103,10 @@ class CodeDataModule(pl.LightningDataModule):
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {self.tokenizer_path!r} has no EOS token; packing needs one")
         self._val_batches: list[dict] | None = None
-        self._consumed, self._base = 0, 0
-        self._cursors: dict[int, list[int]] = {}
-        self._stats: dict[int, list[int]] = {}
+        self._position = StreamPosition()
         self._resume: dict | None = None
         self._fingerprint: str | None = None
         self._shards: list | None = None
-        # logical stream -> the dedup digests its position holds, as int64 arrays (8 bytes a document)
-        self._seen: dict[int, list[torch.Tensor]] = {}
 
     # values linked into the model by the CLI
     @property
@@ -361,32 +357,14 @@ class CodeDataModule(pl.LightningDataModule):
     # -- data position: the DataModule, not the loader, owns it (see data/stream.py) --
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        position = batch.pop("position", None)
-        stats = batch.pop("stats", None)
-        seen = batch.pop("seen", None)
+        position, stats, seen = (batch.pop(key, None) for key in ("position", "stats", "seen"))
         if position is not None and self.trainer is not None and self.trainer.training:
-            logical, *cursor = position.tolist()
-            if self._cursors.get(logical, [None])[0] != cursor[0]:  # a new epoch: its own seen-set
-                self._seen[logical] = []
-            self._cursors[logical] = cursor
-            self._consumed += 1
-            if stats is not None:
-                self._stats[logical] = stats.tolist()
-            if seen is not None and len(seen):  # most batches move past no block: nothing to keep
-                self._seen.setdefault(logical, []).append(seen.cpu())
+            self._position.count(position, stats, seen)
         return batch
 
     def data_stats(self) -> dict[str, float]:
         """Documents seen/kept and tokens packed by this rank's streams since this process started."""
-        if not self._stats:
-            return {}
-        seen, kept, tokens_in, tokens_out = (sum(col) for col in zip(*self._stats.values()))
-        return {
-            "data/docs_seen": seen,
-            "data/docs_kept": kept,
-            "data/tokens_tokenized": tokens_in,
-            "data/packed_fraction": tokens_out / max(1, tokens_in),
-        }
+        return self._position.data_stats()
 
     def _signature(self) -> dict:
         """What a saved position depends on; resuming with any of it changed cannot reuse the cursors."""
@@ -418,17 +396,7 @@ class CodeDataModule(pl.LightningDataModule):
         return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def state_dict(self) -> dict:
-        mine = {
-            "consumed": self._consumed,
-            "base": self._base,  # pre-tokenized windows done at earlier world sizes
-            "cursors": [[k, *v] for k, v in sorted(self._cursors.items())],
-            # dedup digests as one int64 tensor per stream; none without dedup (plain, comparable state)
-            "seen": [[k, torch.cat(v)] for k, v in sorted(self._seen.items()) if v],
-        }
-        state = {
-            "signature": self._signature(),
-            "ranks": gather_from_ranks(mine),
-        }  # every rank's, not only rank 0's
+        state = {"signature": self._signature(), "ranks": gather_from_ranks(self._position.mine())}
         if not self._windowed():  # to name what changed if the source does
             state["shards"] = [[shard.name, shard.size] for shard in self._shard_list()]
         return state
@@ -441,34 +409,24 @@ class CodeDataModule(pl.LightningDataModule):
         if self._resume is None:
             return None
         saved, now = self._resume["signature"], self._signature()
-        changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-        old_world = len(self._resume["ranks"])
+        old_world, more = len(self._resume["ranks"]), []
         if old_world != world and not self._windowed():
-            # a streamed position is per (rank, worker) stream and its shards: it has no global sample count
-            changed["world_size"] = (old_world, world)
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            if "source" in changed and "shards" in self._resume:
-                detail += (
-                    f"; shards: {describe_change(self._resume['shards'], self._shard_list()) or 'same list'}"
-                )
-            raise ValueError(
-                f"cannot resume the data position: the checkpoint was written with different data settings ({detail}). "
-                "Resume with the original settings, or start a new run from the weights (model.pretrained)."
+            more.append(
+                f"world_size: {old_world} -> {world} (a streamed position is a place in each rank and DataLoader "
+                "worker's own shards, with no global sample count to convert: resume on the same number of "
+                "processes, or train from `lmrecipes prepare`d data, which resumes on any number)"
             )
-        if old_world != world:  # pre-tokenized windows: one global sample sequence, dealt out again
-            saved = self._resume["ranks"][0]
-            self._base = windows_done(base=saved.get("base", 0), consumed=saved["consumed"], world_size=old_world,
-                                      batch_size=self.loader.batch_size)  # fmt: skip
-            rank_zero_info(
-                f"lmrecipes: resuming a data position saved by {old_world} processes on {world}: {self._base:,} "
-                "pre-tokenized windows done; the sequence goes on from there"
+        if saved.get("source") != now["source"] and "shards" in self._resume:
+            more.append(
+                f"shards: {describe_change(self._resume['shards'], self._shard_list()) or 'same list'}"
             )
-            return {"consumed": 0, "cursors": {}, "base": self._base}
-        mine = self._resume["ranks"][rank]
-        self._base = mine.get("base", 0)
-        self._consumed = mine["consumed"]
-        self._cursors = {c[0]: c[1:] for c in mine["cursors"]}
-        self._seen = {k: [digests] for k, digests in mine.get("seen", [])}
-        seen = {k: digests.numpy() for k, digests in mine.get("seen", [])}
-        return {"consumed": self._consumed, "cursors": dict(self._cursors), "seen": seen, "base": self._base}
+        check_same_data(saved, now, more="; ".join(more))
+        if old_world == world:
+            return self._position.restore(self._resume["ranks"][rank])
+        resume = self._position.resized(self._resume["ranks"][0], old_world=old_world,
+                                        batch_size=self.loader.batch_size)  # fmt: skip
+        rank_zero_info(
+            f"lmrecipes: resuming a data position saved by {old_world} processes on {world}: "
+            f"{self._position.base:,} pre-tokenized windows done; the sequence goes on from there"
+        )
+        return resume

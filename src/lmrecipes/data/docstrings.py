@@ -14,8 +14,6 @@ installation several times faster than ``tokenize`` (which alone took twice as l
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import re
 import textwrap
 import warnings
@@ -23,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lmrecipes.data.sources import DocumentSource, SourceTree
+from lmrecipes.data.splits import stable_hash
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -258,7 +257,7 @@ class DocstringSource(DocumentSource):
     def fingerprint(self) -> str:
         """Hash of the tree's files (paths, sizes, mtimes) and the extraction settings."""
         settings = ["docstrings-v1", self.tree.fingerprint(), self.comments, self.min_chars]
-        return hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+        return stable_hash(settings)
 
     def iter_raw(
         self, start: int = 0, *, select_path: Callable[[str], bool] | None = None

@@ -13,7 +13,6 @@ copies) lands in one split:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lmrecipes.data.docstrings import _parse, extract_functions
 from lmrecipes.data.sources import DocumentSource, SourceTree
+from lmrecipes.data.splits import hash64, stable_hash
 
 SPLITS = ("train", "validation", "test")
 _VERSION = "function-pairs-v1"  # bump when the records for the same files and settings change
@@ -41,8 +41,7 @@ def _check_fractions(validation: float, test: float) -> None:
 def split_of_path(path: str, *, validation: float = 0.1, test: float = 0.1) -> str:
     """'train', 'validation' or 'test' for a file, from a blake2b hash of its path (the same on every run)."""
     _check_fractions(validation, test)
-    digest = hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    position = int.from_bytes(digest, "little") / 2**64  # uniform in [0, 1)
+    position = hash64(path) / 2**64  # uniform in [0, 1)
     if position < validation:
         return "validation"
     if position < validation + test:
@@ -134,7 +133,7 @@ class FunctionPairSource(DocumentSource):
             self.max_files,
             self.block_files,
         ]
-        return hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+        return stable_hash(settings)
 
     def split_key(self, path: str) -> str:
         """What the split of the file at ``path`` is decided on: its path below the last install directory

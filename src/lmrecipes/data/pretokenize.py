@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from lmrecipes.data.sources import sanitize_text
+from lmrecipes.data.splits import stable_hash
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -20,7 +20,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(parts: dict) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return stable_hash(parts)
 
 
 def whole_document_backend(tokenizer):

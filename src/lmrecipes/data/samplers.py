@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import Dataset, DistributedSampler
 
 from lmrecipes.data.masking import batch_generator
-from lmrecipes.data.position import EpochPosition, lightning_batches, next_pass, resize
+from lmrecipes.data.position import EpochPosition, check_same_data, lightning_batches, next_pass, resize
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -122,15 +122,7 @@ class TrainPosition:
             return
         saved, self._saved = self._saved, None
         before = saved["signature"]
-        changed = {
-            k: (before.get(k), v) for k, v in signature.items() if before.get(k) != v and k != "world_size"
-        }
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(
-                f"cannot resume the data position: the checkpoint was written with different data settings ({detail})."
-                " Resume with the original settings, or start a new run from the weights."
-            )
+        check_same_data(before, signature, allowed=("world_size",))  # another world size converts, below
         here = EpochPosition(saved["epoch"], saved.get("offset", 0), saved["batches"])
         old, new = before["world_size"], signature["world_size"]
         if old != new:
