@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,7 +162,9 @@ def _window_run(data, files, starts, *, seq_len, batch_size, world_size, steps, 
     for rank in range(world_size):
         stream = WindowStream(data, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
                               rank=rank, world_size=world_size, resume=resume)  # fmt: skip
-        per_rank.append([[tuple(r) for r in b["input_ids"].tolist()] for b in itertools.islice(stream, steps)])
+        per_rank.append(
+            [[tuple(r) for r in b["input_ids"].tolist()] for b in itertools.islice(stream, steps)]
+        )
     return [w for s in range(steps) for mine in per_rank for w in mine[s]]
 
 
@@ -224,6 +227,42 @@ def test_training_from_a_prepared_folder_resumes_exactly(code_tree, tmp_path, mo
     resume_other = [*common[:-1], str(other), "--trainer.max_steps", "8", "--ckpt_path", "last"]
     with pytest.raises(ValueError, match=rf"pretokenize: '{manifest['fingerprint']}' -> '0123456789abcdef'"):
         main(fit_args(code_tree, resumed, *resume_other))
+
+
+@pytest.mark.slow
+def test_max_epochs_resized_from_2_processes_to_1_trains_the_epoch_once(code_tree, tmp_path):
+    """Pre-tokenized windows, max_epochs 1: preempted after 3 steps of 2 DDP processes, resumed on 1, the steps
+    left are counted from the windows left (counting the epoch's steps afresh would train 3 batches twice)."""
+    from faults import read_log
+    from test_resilience import callbacks_config, run_cli, signal_at
+
+    run = tmp_path / "run"
+    run.mkdir()
+    batch = 8
+    config = callbacks_config(run / "cb.yaml", run / "log", signal_at("SIGTERM", step=3), every=100)
+    common = ["--config", config, "--data.init_args.packing.pretokenize", "true", "--trainer.max_steps", "-1",
+              "--trainer.max_epochs", "1", "--data.init_args.packing.seq_len", "64", "--trainer.limit_val_batches",
+              "0", "--data.init_args.loader.batch_size", str(batch), "--trainer.accelerator", "cpu"]  # fmt: skip
+    first = run_cli(
+        [*fit_args(code_tree, run, *common), "--trainer.devices", "2", "--trainer.strategy", "ddp"], run
+    )
+    assert "max_steps=" in first.stderr and (run / "runs/clm-offline/checkpoints/last.ckpt").exists(), (
+        first.stderr[-3000:]
+    )
+    second = run_cli(
+        [*fit_args(code_tree, run, *common), "--trainer.devices", "1", "--ckpt_path", "last"], run
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    found = re.search(
+        r"resumed on 1 processes \(saved by 2\): ([\d,]+) of ([\d,]+) windows done", second.stderr
+    )
+    assert found, second.stderr[-3000:]
+    done, windows = (int(g.replace(",", "")) for g in found.groups())
+    assert done == 3 * 2 * batch
+    batches = sum(len(rows) for rows in read_log(run / "log").values())  # every rank's, both runs
+    assert (
+        batches * batch == done + -(-(windows - done) // batch) * batch
+    )  # the epoch once, the last batch filled
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmrecipes.data.position import windows_done
 from lmrecipes.ranks import gather_from_ranks
 
 
@@ -41,6 +42,8 @@ class EpochsFromData(pl.Callback):
     silently wrong schedule); the DataModule's ``batches_per_epoch()`` can, once the token file exists.
     """
 
+    steps: int | None = None  # the max_steps it set
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         count = getattr(trainer.datamodule, "batches_per_epoch", None)
         if stage != "fit" or count is None or trainer.max_steps != -1 or trainer.max_epochs in (None, -1):
@@ -55,9 +58,32 @@ class EpochsFromData(pl.Callback):
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}; add data or lower batch_size"
             )
         trainer.fit_loop.epoch_loop.max_steps = steps  # what Trainer(max_steps=...) sets; no public setter
+        self.steps = steps
         rank_zero_info(
             f"max_epochs={trainer.max_epochs}: {batches:,} batches per rank per epoch -> max_steps={steps:,}"
         )
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Resumed on another number of processes: the steps already done were steps of the old world, so the
+        steps left are counted from the windows left (else a 2 -> 1 resize would train half the data twice)."""
+        dm = trainer.datamodule
+        state = checkpoint.get(type(dm).__qualname__) if dm is not None else None
+        if self.steps is None or not state or len(state.get("ranks", [])) == trainer.world_size:
+            return
+        old_world, saved = len(state["ranks"]), state["ranks"][0]
+        batch_size, accumulate = dm.loader.batch_size, trainer.accumulate_grad_batches
+        windows = dm.batches_per_epoch() * batch_size * trainer.world_size  # windows of one epoch, all ranks
+        done = windows_done(base=saved.get("base", 0), consumed=saved["consumed"], world_size=old_world,
+                            batch_size=batch_size)  # fmt: skip
+        left = max(0, trainer.max_epochs * windows - done)
+        steps = checkpoint["global_step"] + math.ceil(left / (trainer.world_size * batch_size * accumulate))
+        trainer.fit_loop.epoch_loop.max_steps = self.steps = steps
+        rank_zero_info(
+            f"max_epochs={trainer.max_epochs} resumed on {trainer.world_size} processes (saved by {old_world}): "
+            f"{done:,} of {trainer.max_epochs * windows:,} windows done -> max_steps={steps:,}"
+            + ("; the learning-rate schedule keeps the length it was built with"
+               if trainer.strategy.restore_checkpoint_after_setup else "")
+        )  # fmt: skip
 
 
 @torch.no_grad()

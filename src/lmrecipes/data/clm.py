@@ -356,7 +356,9 @@ class CodeDataModule(pl.LightningDataModule):
 
     # -- data position: the DataModule, not the loader, owns it (see data/stream.py) --
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Before the copy to the device (Lightning calls both hooks right before the step): reading the position of
+        # a GPU tensor would wait for the previous step's kernels and undo the non-blocking copy.
         position, stats, seen = (batch.pop(key, None) for key in ("position", "stats", "seen"))
         if position is not None and self.trainer is not None and self.trainer.training:
             self._position.count(position, stats, seen)
