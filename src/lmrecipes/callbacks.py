@@ -63,7 +63,9 @@ class EpochsFromData(pl.Callback):
             f"max_epochs={trainer.max_epochs}: {batches:,} batches per rank per epoch -> max_steps={steps:,}"
         )
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         """Resumed on another number of processes: the steps already done were steps of the old world, so the
         steps left are counted from the windows left (else a 2 -> 1 resize would train half the data twice)."""
         dm = trainer.datamodule
