@@ -207,7 +207,9 @@ def test_parquet_streamed_through_datasets_is_split_by_file(tmp_path):
 
 def _paths_of(source, stream: int, streams: int, keep=None) -> list[str]:
     filters = FilterPipeline()
-    reader = ShardReader(source, filters, keep or filters, stream=stream, streams=streams, seed=0, block_rows=2)
+    reader = ShardReader(
+        source, filters, keep or filters, stream=stream, streams=streams, seed=0, block_rows=2
+    )
     out = []
     for group in reader.groups(Place(0, 0, 0, 0, 0)):
         if group and group[0][0].epoch:
@@ -232,7 +234,9 @@ def _write_parquet(folder, files: int, rows: int) -> str:
     import pyarrow.parquet as pq
 
     for f in range(files):
-        pq.write_table(pa.table({"content": [f"file {f} row {r}" for r in range(rows)]}), folder / f"p{f}.parquet")
+        pq.write_table(
+            pa.table({"content": [f"file {f} row {r}" for r in range(rows)]}), folder / f"p{f}.parquet"
+        )
     return str(folder / "*.parquet")
 
 
@@ -247,8 +251,8 @@ def test_streamed_parquet_shards_are_read_whole_inside_dataloader_workers(tmp_pa
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_train_stream_and_validation_split_records_without_a_path_the_same_way(tmp_path, kind):
     if kind == "jsonl":
-        for f in range(2):
-            lines = [json.dumps({"content": f"file {f} row {r}"}) + "\n\n" for r in range(20)]  # blank lines too
+        for f in range(2):  # blank lines between the records: they have no row number
+            lines = [json.dumps({"content": f"file {f} row {r}"}) + "\n\n" for r in range(20)]
             (tmp_path / f"p{f}.jsonl").write_text("".join(lines))
         source = open_source(str(tmp_path / "*.jsonl"))
     else:

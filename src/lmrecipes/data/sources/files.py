@@ -171,7 +171,9 @@ class JsonlFiles(DocumentSource):
                         if not raw.strip():
                             continue  # blank lines are formatting, not records: no index
                         if index >= start:
-                            doc = self._parse(raw, location=record_location(file, record), where=f"{file}:{lineno}")
+                            doc = self._parse(
+                                raw, location=record_location(file, record), where=f"{file}:{lineno}"
+                            )
                             if doc is not None:
                                 yield index, doc
                         index, record = index + 1, record + 1
@@ -202,8 +204,11 @@ class JsonlFiles(DocumentSource):
                         yield (
                             current,
                             start,
-                            self._parse(raw, location=record_location(file, current),
-                                        where=f"{file} (record {current}, byte {start})"),
+                            self._parse(
+                                raw,
+                                location=record_location(file, current),
+                                where=f"{file} (record {current}, byte {start})",
+                            ),
                         )
             except (EOFError, gzip.BadGzipFile, zlib.error) as err:
                 self._bad_record(f"{file} (after byte {position}): {err}; expected a complete gzip file of JSON "
@@ -213,9 +218,7 @@ class JsonlFiles(DocumentSource):
         try:
             record = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return self._bad_record(
-                f"{where}: {err}; expected one JSON object per line", reason="bad_json"
-            )
+            return self._bad_record(f"{where}: {err}; expected one JSON object per line", reason="bad_json")
         if not isinstance(record, dict):
             got = type(record).__name__
             return self._bad_record(
