@@ -4,6 +4,7 @@ exactly-once and exact-resume training from the folder, and the bad input it ref
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -344,3 +345,30 @@ def test_filters_that_keep_nothing_are_named(corpus, tmp_path):
         ValueError, match=r"no training document passed the filters \(kept 0 of \d+ documents"
     ):
         prepare(_spec(corpus, keywords=["no-such-keyword-anywhere"]), tmp_path / "empty")
+
+
+READ_UNDER_LIMIT = """
+import hashlib, resource, sys
+import numpy as np
+from lmrecipes.data.prepared import PreparedData, WindowStream
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+data = PreparedData(sys.argv[1])
+data.check_files()
+files, starts = data.windows(16)
+stream = WindowStream(data, starts, files=files, seq_len=16, batch_size=1, seed=1, rank=0, world_size=1)
+batches = [b["input_ids"].numpy() for b, _ in zip(stream, range(len(starts)))]
+print(hashlib.sha1(np.sort(np.concatenate(batches), axis=0).tobytes()).hexdigest(), len(batches))
+"""
+
+
+def test_a_folder_of_more_shards_than_file_descriptors_is_read_whole(corpus, tmp_path):
+    folder = prepare(_spec(corpus, shard_chars=400), tmp_path / "many", num_proc=1)
+    data = PreparedData(folder)
+    assert len(data) > 40  # more shards than the limit below lets a process open
+    files, starts = data.windows(16)
+    windows = np.stack([data.tokens(f)[s : s + 16] for f, s in zip(files, starts)]).astype(np.int64)
+    expected = f"{hashlib.sha1(np.sort(windows, axis=0).tobytes()).hexdigest()} {len(starts)}"
+    run = subprocess.run([sys.executable, "-c", READ_UNDER_LIMIT, str(folder), "40"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == expected.split()  # every window once, read under the limit
