@@ -162,7 +162,9 @@ def _window_run(data, files, starts, *, seq_len, batch_size, world_size, steps, 
     for rank in range(world_size):
         stream = WindowStream(data, starts, files=files, seq_len=seq_len, batch_size=batch_size, seed=1,
                               rank=rank, world_size=world_size, resume=resume)  # fmt: skip
-        per_rank.append([[tuple(r) for r in b["input_ids"].tolist()] for b in itertools.islice(stream, steps)])
+        per_rank.append(
+            [[tuple(r) for r in b["input_ids"].tolist()] for b in itertools.islice(stream, steps)]
+        )
     return [w for s in range(steps) for mine in per_rank for w in mine[s]]
 
 

@@ -263,6 +263,20 @@ def test_train_stream_and_validation_split_records_without_a_path_the_same_way(t
     assert sorted(train + val) == sorted(f"file {f} row {r}" for f in range(2) for r in range(20))
 
 
+def test_a_source_tree_deals_its_files_and_refuses_fewer_files_than_streams(tmp_path):
+    for i in range(3):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    source = open_source(str(tmp_path), progress=False)
+    everything = FilterPipeline(keywords=None)
+    seen = [_paths_of(source, g, 3, keep=everything) for g in range(3)]
+    assert sorted(len(s) for s in seen) == [1, 1, 1]  # one file each, none left without a document
+    assert sorted(sum(seen, [])) == [f"x = {i}\n" for i in range(3)]
+    with pytest.raises(
+        ValueError, match=r"has 3 file\(s\), one document each, for 4 streams .* at most 3 streams"
+    ):
+        _paths_of(source, 3, 4, keep=everything)
+
+
 def test_jsonl_shard_opens_at_its_byte_offset(corpus):
     source = _source(corpus, "one.jsonl")()
     rows = list(source.iter_shard(0))

@@ -39,6 +39,10 @@ def path_order_key(relative_path: str) -> bytes:
 class SourceTree(DocumentSource):
     """One document per file under some directories, codeparrot style."""
 
+    one_row_shards = (
+        True  # a shard (file) is one row: streams share files out, never rows of one (data/shards.py)
+    )
+
     def __init__(
         self,
         *,
