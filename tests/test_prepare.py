@@ -12,12 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from test_cli import OFFLINE, TINY_MODEL, fit_args, read_metric
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
@@ -25,8 +27,8 @@ from transformers import AutoTokenizer
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.cli import main
 from lmrecipes.data.clm import CodeDataModule
-from lmrecipes.data.filters import FilterPipeline
-from lmrecipes.data.prepare import PrepareSpec, ensure_prepared, first_occurrences, prepare
+from lmrecipes.data.filters import FilterPipeline, content_digest
+from lmrecipes.data.prepare import PrepareSpec, digest64, ensure_prepared, first_occurrences, prepare
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import encode_batch, tokenizer_fingerprint
 from lmrecipes.data.sources import open_source
@@ -374,3 +376,37 @@ def test_a_folder_of_more_shards_than_file_descriptors_is_read_whole(corpus, tmp
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == expected.split()  # every window once, read under the limit
+
+
+def test_prepare_and_streaming_dedup_share_one_digest():
+    docs = ["x = 1\ny = 2\n", "x=1 y=2", "x = 1\ny = 3\n"]  # the first two differ by whitespace only
+    filters = FilterPipeline(dedup=True)
+    assert [filters({"content": d}) for d in docs] == [True, False, True]
+    digests = [content_digest(d) for d in docs]
+    assert filters.seen_since(0).tolist() == [digests[0], digests[2]]  # what the stream remembers ...
+    stage1 = np.array([digest64(d) for d in docs], dtype=np.int64)  # ... is what prepare sorts, as int64
+    assert stage1.view(np.uint64).tolist() == digests
+    assert first_occurrences(stage1).tolist() == [0, 2]
+
+
+def test_a_build_in_progress_on_another_node_is_waited_for_not_refused(corpus, tmp_path):
+    # Another node holds the lock and has only created work/ (no key.json yet): judged outside the lock, the
+    # folder looked like one of other files and prepare refused it; under the lock it waits, then builds.
+    output = tmp_path / "shared"
+    result: dict = {}
+    with FileLock(f"{output}.lock"):
+        (output / "work").mkdir(parents=True)
+        waiter = threading.Thread(target=lambda: result.update(out=_try_prepare(corpus, output)))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and not result  # waiting on the lock, not failed
+        (output / "work").rmdir()  # the other node gave up and cleaned up
+    waiter.join(timeout=120)
+    assert result["out"] == output and (output / "manifest.json").exists()
+
+
+def _try_prepare(corpus, output: Path):
+    try:
+        return prepare(_spec(corpus), output)
+    except ValueError as err:
+        return err
