@@ -412,6 +412,8 @@ class CodeDataModule(pl.LightningDataModule):
             # without this position. Private, no public way: drop that loader so the fit loop builds it again from
             # here (a persistent worker holds its own copy of the dataset, so the loader must be new).
             # tests/test_fsdp_data.py fails if Lightning renames it.
+            if loop._data_fetcher is not None:
+                loop._data_fetcher.teardown()  # its iterator (and workers) with the prefetched batch
             loop._combined_loader = None
 
     def _resume_for(self, rank: int, world: int) -> dict | None:
