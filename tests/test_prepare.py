@@ -4,6 +4,7 @@ exactly-once and exact-resume training from the folder, and the bad input it ref
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -12,12 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from test_cli import OFFLINE, TINY_MODEL, fit_args, read_metric
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
@@ -25,8 +28,8 @@ from transformers import AutoTokenizer
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.cli import main
 from lmrecipes.data.clm import CodeDataModule
-from lmrecipes.data.filters import FilterPipeline
-from lmrecipes.data.prepare import PrepareSpec, ensure_prepared, first_occurrences, prepare
+from lmrecipes.data.filters import FilterPipeline, content_digest
+from lmrecipes.data.prepare import PrepareSpec, digest64, ensure_prepared, first_occurrences, prepare
 from lmrecipes.data.prepared import PreparedData, WindowStream
 from lmrecipes.data.pretokenize import encode_batch, tokenizer_fingerprint
 from lmrecipes.data.sources import open_source
@@ -383,3 +386,64 @@ def test_filters_that_keep_nothing_are_named(corpus, tmp_path):
         ValueError, match=r"no training document passed the filters \(kept 0 of \d+ documents"
     ):
         prepare(_spec(corpus, keywords=["no-such-keyword-anywhere"]), tmp_path / "empty")
+
+
+READ_UNDER_LIMIT = """
+import hashlib, resource, sys
+import numpy as np
+from lmrecipes.data.prepared import PreparedData, WindowStream
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+data = PreparedData(sys.argv[1])
+data.check_files()
+files, starts = data.windows(16)
+stream = WindowStream(data, starts, files=files, seq_len=16, batch_size=1, seed=1, rank=0, world_size=1)
+batches = [b["input_ids"].numpy() for b, _ in zip(stream, range(len(starts)))]
+print(hashlib.sha1(np.sort(np.concatenate(batches), axis=0).tobytes()).hexdigest(), len(batches))
+"""
+
+
+def test_a_folder_of_more_shards_than_file_descriptors_is_read_whole(corpus, tmp_path):
+    folder = prepare(_spec(corpus, shard_chars=400), tmp_path / "many", num_proc=1)
+    data = PreparedData(folder)
+    assert len(data) > 40  # more shards than the limit below lets a process open
+    files, starts = data.windows(16)
+    windows = np.stack([data.tokens(f)[s : s + 16] for f, s in zip(files, starts)]).astype(np.int64)
+    expected = f"{hashlib.sha1(np.sort(windows, axis=0).tobytes()).hexdigest()} {len(starts)}"
+    run = subprocess.run([sys.executable, "-c", READ_UNDER_LIMIT, str(folder), "40"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == expected.split()  # every window once, read under the limit
+
+
+def test_prepare_and_streaming_dedup_share_one_digest():
+    docs = ["x = 1\ny = 2\n", "x=1 y=2", "x = 1\ny = 3\n"]  # the first two differ by whitespace only
+    filters = FilterPipeline(dedup=True)
+    assert [filters({"content": d}) for d in docs] == [True, False, True]
+    digests = [content_digest(d) for d in docs]
+    assert filters.seen_since(0).tolist() == [digests[0], digests[2]]  # what the stream remembers ...
+    stage1 = np.array([digest64(d) for d in docs], dtype=np.int64)  # ... is what prepare sorts, as int64
+    assert stage1.view(np.uint64).tolist() == digests
+    assert first_occurrences(stage1).tolist() == [0, 2]
+
+
+def test_a_build_in_progress_on_another_node_is_waited_for_not_refused(corpus, tmp_path):
+    # Another node holds the lock and has only created work/ (no key.json yet): judged outside the lock, the
+    # folder looked like one of other files and prepare refused it; under the lock it waits, then builds.
+    output = tmp_path / "shared"
+    result: dict = {}
+    with FileLock(f"{output}.lock"):
+        (output / "work").mkdir(parents=True)
+        waiter = threading.Thread(target=lambda: result.update(out=_try_prepare(corpus, output)))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and not result  # waiting on the lock, not failed
+        (output / "work").rmdir()  # the other node gave up and cleaned up
+    waiter.join(timeout=120)
+    assert result["out"] == output and (output / "manifest.json").exists()
+
+
+def _try_prepare(corpus, output: Path):
+    try:
+        return prepare(_spec(corpus), output)
+    except ValueError as err:
+        return err

@@ -17,6 +17,7 @@ from lmrecipes.data.filters import FilterPipeline
 from lmrecipes.data.pretokenize import encode_batch
 from lmrecipes.data.shards import Place, Shard, ShardReader, describe_change, parts_per_shard
 from lmrecipes.data.sources import open_source
+from lmrecipes.data.splits import is_heldout
 from lmrecipes.data.stream import PackedStream, StreamSpec
 
 SEQ_LEN, BATCH, BLOCK = 16, 4, 5
@@ -204,15 +205,76 @@ def test_parquet_streamed_through_datasets_is_split_by_file(tmp_path):
     assert {c.split(" row")[0] for c in seen[0]}.isdisjoint({c.split(" row")[0] for c in seen[1]})
 
 
-def _paths_of(source, stream: int, streams: int) -> list[str]:
+def _paths_of(source, stream: int, streams: int, keep=None) -> list[str]:
     filters = FilterPipeline()
-    reader = ShardReader(source, filters, filters, stream=stream, streams=streams, seed=0, block_rows=2)
+    reader = ShardReader(
+        source, filters, keep or filters, stream=stream, streams=streams, seed=0, block_rows=2
+    )
     out = []
     for group in reader.groups(Place(0, 0, 0, 0, 0)):
         if group and group[0][0].epoch:
             return out
         out += [doc["content"] for _, doc in group]
     return out
+
+
+class _WorkerStreams(torch.utils.data.IterableDataset):
+    """DataLoader worker ``w`` of ``W`` reads stream ``w`` of ``W`` of a source (what PackedStream does)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        yield from _paths_of(self.source, info.id, info.num_workers)
+
+
+def _write_parquet(folder, files: int, rows: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in range(files):
+        pq.write_table(
+            pa.table({"content": [f"file {f} row {r}" for r in range(rows)]}), folder / f"p{f}.parquet"
+        )
+    return str(folder / "*.parquet")
+
+
+def test_streamed_parquet_shards_are_read_whole_inside_dataloader_workers(tmp_path):
+    # datasets' own __iter__ splits a stream again by worker id inside a worker: a one-file shard would then
+    # reach worker 0 only, and worker 1 would find its shard "empty"
+    source = open_source(_write_parquet(tmp_path, files=2, rows=5), streaming=True)
+    loader = DataLoader(_WorkerStreams(source), batch_size=None, num_workers=2)
+    assert sorted(loader) == sorted(f"file {f} row {r}" for f in range(2) for r in range(5))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_train_stream_and_validation_split_records_without_a_path_the_same_way(tmp_path, kind):
+    if kind == "jsonl":
+        for f in range(2):  # blank lines between the records: they have no row number
+            lines = [json.dumps({"content": f"file {f} row {r}"}) + "\n\n" for r in range(20)]
+            (tmp_path / f"p{f}.jsonl").write_text("".join(lines))
+        source = open_source(str(tmp_path / "*.jsonl"))
+    else:
+        source = open_source(_write_parquet(tmp_path, files=2, rows=20), streaming=True)
+    train = _paths_of(source, 0, 1, keep=lambda doc: not is_heldout(doc, 0.5))
+    val = [doc["content"] for _, doc in source.iter_raw() if is_heldout(doc, 0.5)]
+    assert train and val and not set(train) & set(val)
+    assert sorted(train + val) == sorted(f"file {f} row {r}" for f in range(2) for r in range(20))
+
+
+def test_a_source_tree_deals_its_files_and_refuses_fewer_files_than_streams(tmp_path):
+    for i in range(3):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    source = open_source(str(tmp_path), progress=False)
+    everything = FilterPipeline(keywords=None)
+    seen = [_paths_of(source, g, 3, keep=everything) for g in range(3)]
+    assert sorted(len(s) for s in seen) == [1, 1, 1]  # one file each, none left without a document
+    assert sorted(sum(seen, [])) == [f"x = {i}\n" for i in range(3)]
+    with pytest.raises(
+        ValueError, match=r"has 3 file\(s\), one document each, for 4 streams .* at most 3 streams"
+    ):
+        _paths_of(source, 3, 4, keep=everything)
 
 
 def test_jsonl_shard_opens_at_its_byte_offset(corpus):

@@ -145,7 +145,7 @@ def test_jsonl_globs_order_and_start(tmp_path):
     source = JsonlFiles(paths=[str(tmp_path / "part-*.jsonl")])
     assert contents(source) == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
     assert contents(source, start=3) == [(3, "d")]
-    assert next(source.iter_raw())[1]["path"] == f"{tmp_path / 'part-0.jsonl'}:1"
+    assert next(source.iter_raw())[1]["path"] == f"{tmp_path / 'part-0.jsonl'} (record 0)"
     with pytest.raises(SourceError, match="matches no file"):
         JsonlFiles(paths=[str(tmp_path / "nothing-*.jsonl")])
 
@@ -169,7 +169,7 @@ def test_hf_dataset_parquet_and_missing_column(tmp_path):
     datasets.Dataset.from_dict({"text": ["x", "yy", "zzz"], "n": [1, 2, 3]}).to_parquet(path)
     source = HFDataset(name="parquet", data_files=[path], text_column="text")
     assert list(source.iter_raw(start=2)) == [
-        (2, {"n": 3, "content": "zzz", "path": "parquet[train]:2", "size": 3})
+        (2, {"n": 3, "content": "zzz", "path": "parquet[train] shard 0 row 2", "size": 3})
     ]
     with pytest.raises(SourceError, match=r"no column 'content'.*\['n', 'text'\]"):
         list(HFDataset(name="parquet", data_files=[path], streaming=False).iter_raw())

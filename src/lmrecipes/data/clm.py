@@ -107,6 +107,7 @@ class CodeDataModule(pl.LightningDataModule):
         self._resume: dict | None = None
         self._fingerprint: str | None = None
         self._shards: list | None = None
+        self._train_built = False  # a train loader was built (load_state_dict may come after it)
 
     # values linked into the model by the CLI
     @property
@@ -319,6 +320,7 @@ class CodeDataModule(pl.LightningDataModule):
             )
             self._log_streams(world * max(1, self.loader.num_workers))
             dataset = PackedStream(spec, rank=rank, world_size=world, resume=resume)
+        self._train_built = True
         return DataLoader(
             dataset,
             batch_size=None,
@@ -405,6 +407,16 @@ class CodeDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state
+        loop = getattr(self.trainer, "fit_loop", None)
+        if self._train_built and loop is not None:
+            # FSDP2 (ModelParallelStrategy) restores after its setup, where configure_optimizers ->
+            # estimated_stepping_batches (max_epochs) already built the train loader and prefetched its first batch
+            # without this position. Private, no public way: drop that loader so the fit loop builds it again from
+            # here (a persistent worker holds its own copy of the dataset, so the loader must be new).
+            # tests/test_fsdp_data.py fails if Lightning renames it.
+            if loop._data_fetcher is not None:
+                loop._data_fetcher.teardown()  # its iterator (and workers) with the prefetched batch
+            loop._combined_loader = None
 
     def _resume_for(self, rank: int, world: int) -> dict | None:
         """This rank's saved position, after checking the run still reads the same data the same way."""

@@ -19,6 +19,13 @@ def _content_digest(content: str) -> bytes:
     return hashlib.blake2b(normalised.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def content_digest(content: str) -> int:
+    """The exact-dedup key: an unsigned 64-bit hash of the content with all whitespace removed (codeparrot's
+    normalisation). Streaming dedup and ``lmrecipes prepare``'s global dedup both use it, so they drop the same
+    documents."""
+    return hash64("".join(content.split()))
+
+
 def shard_of(doc: dict, num_shards: int) -> int:
     """Stable shard from the content digest, so identical documents always share a shard."""
     if num_shards < 1:
@@ -79,7 +86,7 @@ class FilterPipeline:
             if reason is not None:
                 return reason
         if self.dedup:
-            digest = hash64("".join(content.split()))  # whitespace removed: codeparrot's normalisation
+            digest = content_digest(content)
             if digest in self._seen_digests:
                 return "duplicate"
             self._seen_digests.add(digest)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from lmrecipes.data.filters import FilterPipeline, _content_digest
+from lmrecipes.data.filters import FilterPipeline, content_digest
 from lmrecipes.data.pretokenize import cache_key, encode_batch, tokenizer_fingerprint
 
 FORMAT = "lmrecipes-prepared/1"
@@ -77,8 +77,9 @@ class PrepareSpec:
 
 
 def digest64(content: str) -> int:
-    """First 8 bytes of the filters' whitespace-insensitive content digest, as a (signed, for Arrow) integer."""
-    return int.from_bytes(_content_digest(content)[:8], "little", signed=True)
+    """The filters' :func:`~lmrecipes.data.filters.content_digest` as a signed integer (Arrow's int64)."""
+    digest = content_digest(content)
+    return digest - (1 << 64) if digest >= 1 << 63 else digest
 
 
 def first_occurrences(digests: np.ndarray) -> np.ndarray:
@@ -268,17 +269,18 @@ def prepare(spec: PrepareSpec, output: str | Path, *, num_proc: int = 1) -> Path
     output, tokenizer = Path(output), load_tokenizer(spec.tokenizer_path)
     key = spec.key(tokenizer)
     fingerprint = cache_key(key)
-    found = _folder_fingerprint(output)
-    if found not in (None, fingerprint):
-        raise ValueError(
-            f"--output {output} holds another prepared dataset (fingerprint {found}; this config's is "
-            f"{fingerprint}); choose another folder or delete it"
-        )
-    if (output / MANIFEST).exists():
-        return output
+    if (output / MANIFEST).exists() and _folder_fingerprint(output) == fingerprint:
+        return output  # finished (its manifest is written last): no lock needed, the folder may be read-only
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Nodes that share a filesystem each run prepare_data: one builds, the others then find the manifest.
+    # Nodes that share a filesystem each run prepare_data: one builds, the others then find the manifest. The
+    # folder is judged under the lock too: another node's build in progress looks like a folder of other files.
     with FileLock(f"{output}.lock"):
+        found = _folder_fingerprint(output)
+        if found not in (None, fingerprint):
+            raise ValueError(
+                f"--output {output} holds another prepared dataset (fingerprint {found}; this config's is "
+                f"{fingerprint}); choose another folder or delete it"
+            )
         if not (output / MANIFEST).exists():
             _build(spec, output, tokenizer, key, fingerprint, num_proc)
     return output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lmrecipes.data.prepare import FORMAT, MANIFEST
 from lmrecipes.data.pretokenize import window_starts
 
+OPEN_SHARDS = 64  # shards memory-mapped at once per process (one file descriptor each) ...
+FD_SHARE = 4  # ... and at most this fraction (1/4) of the process's file-descriptor limit
+
+
+def open_shards_limit() -> int:
+    """How many shards one process keeps memory-mapped: ``OPEN_SHARDS``, fewer under a low ``ulimit -n``."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return OPEN_SHARDS
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return OPEN_SHARDS if soft == resource.RLIM_INFINITY else max(1, min(OPEN_SHARDS, soft // FD_SHARE))
+
 
 class PreparedData:
     """A finished prepared folder: its manifest, checked against the files, and memory-mapped shards."""
@@ -29,7 +43,8 @@ class PreparedData:
         self.location = str(location)
         self._local = Path(location).exists() or not _looks_like_hub_id(self.location)
         self.manifest = self._load_manifest()
-        self._tokens: dict[int, np.ndarray] = {}
+        self._tokens: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open_limit = open_shards_limit()
 
     def _path(self, name: str) -> Path:
         """A file of the folder; from the Hub, downloaded on first use (one file, not the whole repository)."""
@@ -73,19 +88,30 @@ class PreparedData:
             )
 
     def tokens(self, index: int) -> np.ndarray:
-        """Shard ``index``'s tokens, memory-mapped, after checking the file has the manifest's size."""
-        if index not in self._tokens:
-            entry = self.manifest["shards"][index]
-            path = self._path(entry["file"])
-            size = path.stat().st_size if path.exists() else None
-            if size != entry["bytes"]:
-                found = "is missing" if size is None else f"has {size:,} bytes"
-                raise ValueError(
-                    f"shard {path} {found}; the manifest of {self.location} says {entry['bytes']:,} bytes (a copy "
-                    "was cut short or the folder was changed): copy it again or rebuild it with lmrecipes prepare"
-                )
-            self._tokens[index] = np.memmap(path, dtype=self.manifest["dtype"], mode="r")
+        """Shard ``index``'s tokens, memory-mapped, after checking the file has the manifest's size. At most
+        :func:`open_shards_limit` stay mapped (least recently used first out): each map holds a file descriptor, and a
+        folder of thousands of shards would otherwise exceed the process's limit."""
+        if index in self._tokens:
+            self._tokens.move_to_end(index)
+            return self._tokens[index]
+        path = self._checked(index)
+        if len(self._tokens) >= self._open_limit:
+            self._tokens.popitem(last=False)
+        self._tokens[index] = np.memmap(path, dtype=self.manifest["dtype"], mode="r")
         return self._tokens[index]
+
+    def _checked(self, index: int) -> Path:
+        """Shard ``index``'s file, after checking it has the manifest's size (``stat`` only, nothing opened)."""
+        entry = self.manifest["shards"][index]
+        path = self._path(entry["file"])
+        size = path.stat().st_size if path.exists() else None
+        if size != entry["bytes"]:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise ValueError(
+                f"shard {path} {found}; the manifest of {self.location} says {entry['bytes']:,} bytes (a copy "
+                "was cut short or the folder was changed): copy it again or rebuild it with lmrecipes prepare"
+            )
+        return path
 
     def lengths(self, index: int) -> np.ndarray:
         entry = self.manifest["shards"][index]
@@ -99,7 +125,7 @@ class PreparedData:
         Hub, each shard is checked when it is first downloaded instead."""
         if self._local:
             for i in range(len(self)):
-                self.tokens(i)
+                self._checked(i)
 
     def __len__(self) -> int:
         return len(self.manifest["shards"])
@@ -109,7 +135,7 @@ class PreparedData:
 
     def __getstate__(self) -> dict:
         # DataLoader workers reopen the shards they read: a pickled memmap would copy the whole file
-        return {**self.__dict__, "_tokens": {}}
+        return {**self.__dict__, "_tokens": OrderedDict()}
 
     def windows(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """``(shard of each window, start in that shard)``; windows never cross shards."""

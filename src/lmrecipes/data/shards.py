@@ -33,10 +33,11 @@ def parts_per_shard(num_shards: int, streams: int) -> int:
 
 
 def stream_slots(
-    num_shards: int, streams: int, stream: int, *, seed: int, epoch: int
+    num_shards: int, streams: int, stream: int, *, seed: int, epoch: int, parts: int | None = None
 ) -> list[tuple[int, int]]:
-    """(shard, part) pairs stream ``stream`` of ``streams`` reads in ``epoch``, in reading order."""
-    parts = parts_per_shard(num_shards, streams)
+    """(shard, part) pairs stream ``stream`` of ``streams`` reads in ``epoch``, in reading order; ``parts`` per
+    shard defaults to :func:`parts_per_shard`."""
+    parts = parts_per_shard(num_shards, streams) if parts is None else parts
     order = np.random.default_rng([seed, epoch]).permutation(num_shards * parts)
     return [divmod(int(v), parts) for v in order[stream::streams]]
 
@@ -107,6 +108,16 @@ class ShardReader:
         self.shuffle, self.block_rows = block_rows > 0, block_rows or 64
         self.shards = source.shards()
         self.parts = parts_per_shard(len(self.shards), streams)
+        if getattr(source, "one_row_shards", False):  # a source tree: each file is one document
+            if (
+                len(self.shards) < streams
+            ):  # row-interleaved parts of a one-row shard: all but part 0 are empty
+                raise ValueError(
+                    f"the source has {len(self.shards)} file(s), one document each, for {streams} streams "
+                    "(processes x DataLoader workers): every stream needs a file of its own; use at most "
+                    f"{len(self.shards)} streams (fewer data.loader.num_workers or processes) or more files"
+                )
+            self.parts = 1
         self.digests: dict[int, tuple[int, np.ndarray]] = {}  # block number -> (epoch, digests it added)
         self._blocks = 0
 
@@ -115,7 +126,8 @@ class ShardReader:
         epoch, resume = start.epoch, start
         whole = (start.slot, start.row, start.index) == (0, 0, 0)  # this epoch is read from its start
         while True:
-            slots = stream_slots(len(self.shards), self.streams, self.stream, seed=self.seed, epoch=epoch)
+            slots = stream_slots(len(self.shards), self.streams, self.stream, seed=self.seed, epoch=epoch,
+                                 parts=self.parts)  # fmt: skip
             kept = 0
             for slot in range(resume.slot if resume else 0, len(slots)):
                 at = (resume.row, resume.byte) if resume else (0, 0)

@@ -114,16 +114,18 @@ class DocumentSource:
             raise SourceError(message)
         self._skip(reason)
 
-    def _record_doc(self, record: dict, *, location: str) -> dict | None:
-        """Codeparrot columns on top of the record's own; ``location`` stands in for a missing path."""
+    def _record_doc(self, record: dict, *, location: str, where: str | None = None) -> dict | None:
+        """Codeparrot columns on top of the record's own; ``location`` stands in for a missing path (so every
+        reader of the source must give a row the same one), ``where`` (default ``location``) names it in errors."""
+        where = where or location
         if self.text_column not in record:
             # A missing column is a config mistake, never a bad record: always fail.
-            raise SourceError(f"{location}: no column {self.text_column!r}; the keys are {sorted(record)}")
+            raise SourceError(f"{where}: no column {self.text_column!r}; the keys are {sorted(record)}")
         content = record[self.text_column]
         if not isinstance(content, str):
             got = type(content).__name__
             return self._bad_record(
-                f"{location}: {self.text_column!r} is {got}; expected a string", reason="not_text"
+                f"{where}: {self.text_column!r} is {got}; expected a string", reason="not_text"
             )
         doc = {key: value for key, value in record.items() if key != self.text_column}  # no second copy
         doc["content"] = sanitize_text(content)

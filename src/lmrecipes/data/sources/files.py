@@ -25,6 +25,12 @@ from lmrecipes.data.sources.base import (
 )
 
 
+def record_location(file: str, record: int) -> str:
+    """The name of a JSON-lines record without a ``path`` (held-out splits hash it), the same from
+    ``iter_raw`` and ``iter_shard``: its file and its number there, blank lines not counted (0-based)."""
+    return f"{file} (record {record})"
+
+
 def path_order_key(relative_path: str) -> bytes:
     """Sort key of a file in a source tree: a hash of its path relative to the root (stable across machines)."""
     return hashlib.blake2b(Path(relative_path).as_posix().encode(), digest_size=8).digest()
@@ -32,6 +38,10 @@ def path_order_key(relative_path: str) -> bytes:
 
 class SourceTree(DocumentSource):
     """One document per file under some directories, codeparrot style."""
+
+    one_row_shards = (
+        True  # a shard (file) is one row: streams share files out, never rows of one (data/shards.py)
+    )
 
     def __init__(
         self,
@@ -158,17 +168,19 @@ class JsonlFiles(DocumentSource):
         file is read through gzip (the book's ``*.json.gz``); one that is cut short or corrupt ends there."""
         index = 0
         for file in self.files:
-            lineno = 0
+            lineno, record = 0, 0  # record: the row number iter_shard gives it (blank lines have none)
             with (gzip.open if file.endswith(".gz") else open)(file, "rb") as handle:
                 try:
                     for lineno, raw in enumerate(handle, start=1):
                         if not raw.strip():
                             continue  # blank lines are formatting, not records: no index
                         if index >= start:
-                            doc = self._parse(raw, location=f"{file}:{lineno}")
+                            doc = self._parse(
+                                raw, location=record_location(file, record), where=f"{file}:{lineno}"
+                            )
                             if doc is not None:
                                 yield index, doc
-                        index += 1
+                        index, record = index + 1, record + 1
                 except (EOFError, gzip.BadGzipFile, zlib.error) as err:
                     self._bad_record(f"{file}:{lineno + 1}: {err}; expected a complete gzip file of JSON "
                                      "lines (truncated download?)", reason="bad_gzip")  # fmt: skip
@@ -196,22 +208,24 @@ class JsonlFiles(DocumentSource):
                         yield (
                             current,
                             start,
-                            self._parse(raw, location=f"{file} (record {current}, byte {start})"),
+                            self._parse(
+                                raw,
+                                location=record_location(file, current),
+                                where=f"{file} (record {current}, byte {start})",
+                            ),
                         )
             except (EOFError, gzip.BadGzipFile, zlib.error) as err:
                 self._bad_record(f"{file} (after byte {position}): {err}; expected a complete gzip file of JSON "
                                  "lines (truncated download?)", reason="bad_gzip")  # fmt: skip
 
-    def _parse(self, raw: bytes, *, location: str) -> dict | None:
+    def _parse(self, raw: bytes, *, location: str, where: str) -> dict | None:
         try:
             record = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return self._bad_record(
-                f"{location}: {err}; expected one JSON object per line", reason="bad_json"
-            )
+            return self._bad_record(f"{where}: {err}; expected one JSON object per line", reason="bad_json")
         if not isinstance(record, dict):
             got = type(record).__name__
             return self._bad_record(
-                f"{location}: a JSON {got}; expected one JSON object per line", reason="bad_json"
+                f"{where}: a JSON {got}; expected one JSON object per line", reason="bad_json"
             )
-        return self._record_doc(record, location=location)
+        return self._record_doc(record, location=location, where=where)

@@ -18,6 +18,7 @@ from lmrecipes.data.sources.base import (
 
 LOCAL_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".txt": "text"}  # suffix -> datasets builder
 ROWS_PER_SHARD = 10_000  # shard size of a loaded (map-style) dataset
+STREAM_BATCH = 256  # rows a stream reads at a time
 
 
 class HFDataset(DocumentSource):
@@ -96,31 +97,44 @@ class HFDataset(DocumentSource):
     ) -> Iterator[tuple[int, int, dict | None]]:
         """Rows of one shard from ``row``: a stream skips rows of that shard only (cost bounded by the shard,
         never by the run's progress); a loaded dataset indexes them."""
-        ds = self._rows()
-        if self.streaming:
-            shard = ds.shard(num_shards=ds.num_shards, index=index, contiguous=True)
-            rows = enumerate(shard.skip(row) if row else shard, start=row)
-        else:
-            first = index * ROWS_PER_SHARD
-            rows = ((r, ds[first + r]) for r in range(row, min(ROWS_PER_SHARD, len(ds) - first)))
-        for r, record in rows:
+        for r, record in self._shard_records(index, row):
             if r % parts == part:
-                yield (
-                    r,
-                    0,
-                    self._record_doc(record, location=f"{self.name}[{self.split}] shard {index} row {r}"),
-                )
+                yield r, 0, self._record_doc(record, location=self._location(index, r))
 
     def iter_raw(self, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """Yield the dataset's rows in order, beginning at row ``start``."""
-        if self._dataset is None:
-            self._dataset = self._load()
-        ds = self._dataset
-        if self.streaming:
-            rows = ds.skip(start) if start else ds
-        else:
-            rows = (ds[i] for i in range(start, len(ds)))
-        for index, record in enumerate(rows, start=start):
-            doc = self._record_doc(record, location=f"{self.name}[{self.split}]:{index}")
-            if doc is not None:
-                yield index, doc
+        """Yield the dataset's rows in order (shard after shard, as :meth:`iter_shard` names them), beginning at
+        row ``start``."""
+        ds, index = self._rows(), 0
+        shards = ds.num_shards if self.streaming else -(-len(ds) // ROWS_PER_SHARD)
+        for shard in range(shards):
+            skip = 0
+            if not self.streaming:  # a loaded shard's size is known: jump over its rows before ``start``
+                skip = min(ROWS_PER_SHARD, len(ds) - shard * ROWS_PER_SHARD, max(0, start - index))
+                index += skip
+            for r, record in self._shard_records(shard, skip):
+                if index >= start:
+                    doc = self._record_doc(record, location=self._location(shard, r))
+                    if doc is not None:
+                        yield index, doc
+                index += 1
+
+    def _location(self, shard: int, row: int) -> str:
+        # The one name of a row without a ``path`` (held-out splits hash it): the same from both readers.
+        return f"{self.name}[{self.split}] shard {shard} row {row}"
+
+    def _shard_records(self, index: int, row: int) -> Iterator[tuple[int, dict]]:
+        """``(row, record)`` of shard ``index`` from ``row`` on."""
+        ds = self._rows()
+        if not self.streaming:
+            first = index * ROWS_PER_SHARD
+            yield from ((r, ds[first + r]) for r in range(row, min(ROWS_PER_SHARD, len(ds) - first)))
+            return
+        shard = ds.shard(num_shards=ds.num_shards, index=index, contiguous=True)
+        # .iter(batch_size=...), not iter(shard): inside a DataLoader worker ``datasets`` would split the shard
+        # again by worker id, and every worker but the first would read nothing of it.
+        r = row
+        for batch in (shard.skip(row) if row else shard).iter(batch_size=STREAM_BATCH):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns)):
+                yield r, dict(zip(columns, values))
+                r += 1
