@@ -159,15 +159,14 @@ class CausalLM(RecipeModule):
         """Logits over the tokenizer's ``vocab_size`` ids: a padded embedding's extra rows are cut off here, so
         no loss, metric or generation ever sees them."""
         if self._compiled is None:
-            # a compiled function, not a wrapped module: the state_dict's names stay the same
-            self._compiled = torch.compile(self.model.forward)
+            # nn.Module.compile compiles the module's call, hooks included: FSDP2's root pre-forward (which gathers
+            # the DTensor parameters) still runs, and no wrapper module enters the state_dict's names
+            self.model.compile()
+            self._compiled = True
         if self._compiled is False:
             out = self.model(input_ids=input_ids, use_cache=False)
         else:
-            compiled, out = compiled_or_eager(
-                self._compiled, self.model, input_ids=input_ids, use_cache=False
-            )
-            self._compiled = compiled or False
+            self._compiled, out = compiled_or_eager(self.model, input_ids=input_ids, use_cache=False)
         return out.logits[..., : self.hparams.vocab_size]  # (B, T, V)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
