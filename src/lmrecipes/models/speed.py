@@ -57,7 +57,9 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
     # torch 2.13's names; looked up by name so a release that renames one still falls back on the others
     found = [getattr(exc, n, None) for n in ("BackendCompilerFailed", "InternalTorchDynamoError")]
-    found += [getattr(inductor_exc, n, None) for n in ("InductorError", "InvalidCxxCompiler", "CppCompileError")]
+    found += [
+        getattr(inductor_exc, n, None) for n in ("InductorError", "InvalidCxxCompiler", "CppCompileError")
+    ]
     return tuple(err for err in found if err is not None)
 
 
