@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from transformers import AutoTokenizer
 
