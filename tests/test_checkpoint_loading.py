@@ -29,7 +29,7 @@ def trained_checkpoint(tmp_path: Path, tiny_lm: Path, **kwargs) -> tuple[CausalL
     return module, path
 
 
-def as_sharded_folder(path: Path, folder: Path) -> Path:
+def as_sharded_folder(path: Path, folder: Path, keys: tuple = ("state_dict",)) -> Path:
     """The same checkpoint in the sharded layout (one rank's DCP file, meta.pt, the completion marker)."""
     from torch.distributed.checkpoint import save
 
@@ -39,7 +39,7 @@ def as_sharded_folder(path: Path, folder: Path) -> Path:
     save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
     checkpoint.pop("optimizer_states", None)
     torch.save(checkpoint, folder / META)
-    write_marker(folder, world_size=1, step=checkpoint["global_step"], keys=["state_dict"])
+    write_marker(folder, world_size=1, step=checkpoint["global_step"], keys=list(keys))
     return folder
 
 
