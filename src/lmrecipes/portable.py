@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmrecipes.models.speed import export_vocab_size, trimmed_vocab
+from lmrecipes.models.speed import export_vocab_size
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; Lightning checkpoints are always one
 
@@ -154,7 +154,9 @@ def hf_from_checkpoint(path: str | Path):
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)  # strict: a missing or unexpected weight is an error, not a random layer
     # a padded embedding's extra rows cut off, as export does: generation must not sample an id the tokenizer lacks
-    model = trimmed_vocab(model, export_vocab_size(checkpoint.get("hyper_parameters", {})))
+    vocab_size = export_vocab_size(checkpoint.get("hyper_parameters", {}))
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings != vocab_size:
+        model.resize_token_embeddings(vocab_size)  # in place: this model is ours, no copy needed
     files = meta.get("tokenizer_files")
     return model.eval(), tokenizer_from_files(files) if files else None, checkpoint
 
