@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lmrecipes.checkpoints_sharded import restore_interrupted
+
 REQUIRED_KEYS = ("state_dict", "global_step", "loops")
 TMP_SUFFIX = ".tmp"
 
@@ -252,6 +254,8 @@ def resolve_ckpt_path(
             return ckpt_path
         if folder is None or not Path(folder).is_dir():
             return None
+        for line in restore_interrupted(folder):
+            rank_zero_warn(line)
         path, skipped = newest_valid(folder, quarantine=quarantine, training=training)
         if skipped:
             rank_zero_warn(

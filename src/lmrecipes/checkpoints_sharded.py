@@ -40,10 +40,17 @@ def save_atomically(strategy, checkpoint: dict, path: Path, storage_options) -> 
     strategy.barrier("lmrecipes-sharded-save-begin")
     strategy.write_shards(checkpoint, tmp, storage_options)
     strategy.barrier("lmrecipes-sharded-save-written")  # every rank's shard is on disk
+    error = None
     if strategy.global_rank == 0:
-        write_marker(tmp, world_size=strategy.world_size, step=step, keys=keys)
-        replace(tmp, path)
-    strategy.barrier("lmrecipes-sharded-save-done")
+        try:
+            write_marker(tmp, world_size=strategy.world_size, step=step, keys=keys)
+            replace(tmp, path)
+        except Exception as err:  # any failure: the other ranks must learn of it, not wait for a timeout
+            error = f"{type(err).__name__}: {err}"
+    # the outcome instead of a bare barrier: every rank raises the same error, or all go on
+    error = strategy.broadcast(error, src=0)
+    if error is not None:
+        raise RuntimeError(f"sharded save to {path} failed on rank 0: {error}")
 
 
 def write_marker(folder: Path, *, world_size: int, step, keys: list[str]) -> None:
@@ -75,6 +82,29 @@ def replace(tmp: Path, path: Path) -> None:
     tmp.rename(path)
     _fsync_dir(path.parent)
     remove(old)
+
+
+def restore_interrupted(folder: str | Path) -> list[str]:
+    """Undo a ``replace`` killed between its two renames: for each ``X`` that is missing while a complete
+    ``.X.sharded-tmp`` (the new save), else a complete ``.X.sharded-old`` (the previous one) lies beside it, rename
+    that back to ``X``, before resuming looks for checkpoints and before the next save deletes both. Returns what
+    it did, one line each, for the log."""
+    restored = []
+    for suffix in (".sharded-tmp", OLD_SUFFIX):  # the newer save first
+        for hidden in sorted(Path(folder).glob(f"{TMP_PREFIX}*.ckpt{suffix}")):
+            target = hidden.with_name(hidden.name.removeprefix(TMP_PREFIX).removesuffix(suffix))
+            if target.exists() or not hidden.is_dir():
+                continue
+            try:
+                if file_problems(hidden, read_marker(hidden)):
+                    continue
+                hidden.rename(target)
+            except (ValueError, OSError):  # incomplete, or another rank of this node renamed it first
+                continue
+            restored.append(
+                f"{target.name} was missing (a save killed mid-rename): restored from {hidden.name}"
+            )
+    return restored
 
 
 def remove(path: Path) -> None:

@@ -158,9 +158,14 @@ class PushToHub(pl.Callback):
     def push(self, trainer, pl_module) -> None:
         """Stage an export of the current weights and start its upload (rank 0; once per optimizer step)."""
         step = trainer.global_step
-        if self.hub_model_id is None or not trainer.is_global_zero or step == self._last_pushed:
+        if self.hub_model_id is None or step == self._last_pushed:
             return  # micro-batches of one accumulation window share a step
-        self._last_pushed = step
+        self._last_pushed = step  # on every rank: they all take part in the gather below
+        from lmrecipes.sharding import unsharded_module
+
+        pl_module = unsharded_module(pl_module)  # FSDP2: every rank gathers the shards, rank 0 gets the model
+        if not trainer.is_global_zero:
+            return
         from lmrecipes.export import model_card, record_class, save_hf_folder
 
         checkpoint = {"global_step": step, "epoch": trainer.current_epoch,

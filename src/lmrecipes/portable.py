@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from lmrecipes.models.speed import export_vocab_size
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; Lightning checkpoints are always one
 
 
@@ -151,6 +153,10 @@ def hf_from_checkpoint(path: str | Path):
     )
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)  # strict: a missing or unexpected weight is an error, not a random layer
+    # a padded embedding's extra rows cut off, as export does: generation must not sample an id the tokenizer lacks
+    vocab_size = export_vocab_size(checkpoint.get("hyper_parameters", {}))
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings != vocab_size:
+        model.resize_token_embeddings(vocab_size)  # in place: this model is ours, no copy needed
     files = meta.get("tokenizer_files")
     return model.eval(), tokenizer_from_files(files) if files else None, checkpoint
 
@@ -174,13 +180,18 @@ def check_model_source(model: str, *, key: str = "model") -> None:
         raise ValueError(f"{looked}; as a Hub id: {err}") from None
 
 
+def is_checkpoint(model: str | Path) -> bool:
+    """Whether ``model`` names an ``lmrecipes fit`` checkpoint: a file, or a sharded (FSDP2) checkpoint's folder."""
+    return Path(model).is_file() or (Path(model) / "meta.pt").is_file()
+
+
 def load_pipeline(task: str, model: str, **kwargs):
     """A ``transformers`` pipeline from an exported folder, a Hub id or a checkpoint written by ``lmrecipes fit``."""
     from transformers import pipeline
 
     check_model_source(model)
     device = "cpu" if not torch.cuda.is_available() else 0
-    if Path(model).is_file() or (Path(model) / "meta.pt").is_file():  # a checkpoint file or sharded folder
+    if is_checkpoint(model):
         lm, tokenizer, _ = hf_from_checkpoint(model)
         return pipeline(task, model=lm, tokenizer=tokenizer, device=device, **kwargs)
     return pipeline(task, model=model, device=device, **kwargs)

@@ -18,7 +18,7 @@ import torch
 
 from lmrecipes.evaluation import samples as store
 from lmrecipes.evaluation.generation import Sampling, complete, sample_seed, sampling_from_preset
-from lmrecipes.portable import check_model_source, hf_from_checkpoint
+from lmrecipes.portable import check_model_source, hf_from_checkpoint, is_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +30,8 @@ def load_causal_lm(model: str, *, dtype: str = "float32"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
     check_model_source(model)
-    if Path(model).is_file():  # the same loading as export: only what the checkpoint holds, no recorded paths
+    # a checkpoint file or sharded folder: loaded as export does, from what it holds only (no recorded paths)
+    if is_checkpoint(model):
         lm, tokenizer, _ = hf_from_checkpoint(model)
         if tokenizer is None:
             raise ValueError(f"{model} holds no tokenizer (it was trained without model.tokenizer_path)")

@@ -68,9 +68,14 @@ class RecipeModule(pl.LightningModule):
         self._step_norm = None
         step_size = self._grad_unit * self.trainer.accumulate_grad_batches * self.trainer.world_size
         scale = torch.where(norm > 0, step_size / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        # One multiply per gradient dtype, the fp32 scale cast for each group: under bf16-true (or with mixed
+        # dtypes) no group's scale is rounded through another group's dtype.
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.parameters():
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, scale.to(dtype))
 
     def configure_model(self) -> None:
         # --trainer.strategy fsdp2: shard each transformer block, then the model (a no-op under any other strategy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lmrecipes.losses import causal_lm_loss_sum, keytoken_weighted_loss_sum
 from lmrecipes.models.base import RecipeModule
@@ -159,15 +160,14 @@ class CausalLM(RecipeModule):
         """Logits over the tokenizer's ``vocab_size`` ids: a padded embedding's extra rows are cut off here, so
         no loss, metric or generation ever sees them."""
         if self._compiled is None:
-            # a compiled function, not a wrapped module: the state_dict's names stay the same
-            self._compiled = torch.compile(self.model.forward)
+            # nn.Module.compile compiles the module's call, hooks included: FSDP2's root pre-forward (which gathers
+            # the DTensor parameters) still runs, and no wrapper module enters the state_dict's names
+            self.model.compile()
+            self._compiled = True
         if self._compiled is False:
             out = self.model(input_ids=input_ids, use_cache=False)
         else:
-            compiled, out = compiled_or_eager(
-                self._compiled, self.model, input_ids=input_ids, use_cache=False
-            )
-            self._compiled = compiled or False
+            self._compiled, out = compiled_or_eager(self.model, input_ids=input_ids, use_cache=False)
         return out.logits[..., : self.hparams.vocab_size]  # (B, T, V)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,3 +184,25 @@ class CausalLM(RecipeModule):
         input_ids = batch["input_ids"]  # (B, T)
         # plain cross-entropy whatever the training loss: val/ppl compares with the course's
         return causal_lm_loss_sum(self(input_ids), input_ids)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._unpad_for_old_checkpoint(checkpoint)
+
+    def _unpad_for_old_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written before ``vocab_multiple`` existed holds an unpadded embedding, and its hparams lack
+        the key, so this module was built with the default padding: take the old behaviour (1, no padding)."""
+        if "vocab_multiple" in checkpoint.get("hyper_parameters", {}) or self.hparams.pretrained:
+            return
+        weight = self.model.get_input_embeddings().weight
+        name = next(n for n, p in self.named_parameters() if p is weight)
+        stored = checkpoint.get("state_dict", {}).get(name)
+        if stored is None or stored.shape[0] == weight.shape[0]:
+            return
+        if isinstance(weight, DTensor):  # built and sharded before this hook: too late to resize
+            raise ValueError(
+                f"the checkpoint's embedding has {stored.shape[0]} rows and no model.vocab_multiple (written "
+                f"before it existed); this model has {weight.shape[0]}: pass --model.init_args.vocab_multiple 1"
+            )
+        self.model.resize_token_embeddings(stored.shape[0], mean_resizing=False)
+        self.hparams.vocab_multiple = 1  # saved again with the key: the next load builds it unpadded at once

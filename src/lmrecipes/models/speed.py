@@ -49,18 +49,34 @@ def allow_tf32(device: torch.device) -> bool:
     return True
 
 
-def compiled_or_eager(compiled, eager, *args, **kwargs):
-    """Run ``compiled(*args, **kwargs)``; if compiling fails on this platform (no C++ compiler, no Triton, an
-    unsupported Python), warn and return ``None`` with eager's result, so the caller drops ``compiled`` (and warns only once).
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "this platform cannot compile" (dynamo or a backend such as inductor failed), not a
+    bug of the model or a CUDA out-of-memory: only these turn compile off."""
+    from torch._dynamo import exc
+    from torch._inductor import exc as inductor_exc
+
+    # torch 2.13's names; looked up by name so a release that renames one still falls back on the others
+    found = [getattr(exc, n, None) for n in ("BackendCompilerFailed", "InternalTorchDynamoError")]
+    found += [
+        getattr(inductor_exc, n, None) for n in ("InductorError", "InvalidCxxCompiler", "CppCompileError")
+    ]
+    return tuple(err for err in found if err is not None)
+
+
+def compiled_or_eager(module: torch.nn.Module, *args, **kwargs):
+    """Run ``module`` (compiled with ``module.compile()``); if compiling fails on this platform (no C++ compiler,
+    no Triton, an unsupported Python), warn, drop the compiled call and return ``(False, eager result)``, so the
+    caller warns only once; on success ``(True, result)``. Any other error (a bug, an out-of-memory) propagates.
 
     The chosen policy for ``compile`` is to fall back, not to stop: compiling is an optimisation, and a run started
     on a machine without a toolchain still trains the same model, only slower; the warning names the error."""
     try:
-        return compiled, compiled(*args, **kwargs)
-    except Exception as err:  # torch raises BackendCompilerFailed, InternalTorchDynamoError, OSError, ...
+        return True, module(*args, **kwargs)
+    except compile_errors() as err:
         warnings.warn(
             f"model.compile=true: torch.compile failed on this platform ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300] if str(err) else ''}); training continues without compile",
             stacklevel=2,
         )
-        return None, eager(*args, **kwargs)
+        module._compiled_call_impl = None  # nn.Module.compile's slot: the module calls eagerly again
+        return False, module(*args, **kwargs)
