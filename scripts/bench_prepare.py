@@ -76,7 +76,11 @@ def bench_prepare(work: Path, corpus: Path, tokenizer: str, shard_chars: int) ->
         emit({"bench": "prepare", "num_proc": num_proc, "seconds": round(seconds, 2), "tokens": manifest["tokens"],
               "documents": manifest["counts"]["documents"], "shards": len(manifest["shards"]),
               "tokens_per_s": round(rates[num_proc]), "load_avg_1min_before": load, "cpus": os.cpu_count()})  # fmt: skip
-    emit({"bench": "prepare_summary", "speedup_2_vs_1": round(rates[2] / rates[1], 2), "goal": 1.7})
+    # One process already tokenizes on every core (the Rust tokenizer's own thread pool); forked processes run
+    # single-threaded. RAYON_NUM_THREADS=1 gives each process one core, which shows what --num_proc itself adds.
+    threads = os.environ.get("RAYON_NUM_THREADS", "all cores")
+    emit({"bench": "prepare_summary", "speedup_2_vs_1": round(rates[2] / rates[1], 2), "goal": 1.7,
+          "tokenizer_threads_per_process": threads})  # fmt: skip
     return work / "prepared-2"
 
 

@@ -48,9 +48,9 @@ PARSED = [0]  # records turned into documents, every source and stream together
 _record_doc = DocumentSource._record_doc
 
 
-def _counting_record_doc(self, record, *, location):
+def _counting_record_doc(self, record, **where):
     PARSED[0] += 1
-    return _record_doc(self, record, location=location)
+    return _record_doc(self, record, **where)
 
 
 DocumentSource._record_doc = _counting_record_doc  # measurement only: counts every parsed record

@@ -13,7 +13,9 @@ once ``global_step`` moved; Trainer: ``on_step_end``), synchronising CUDA at the
 the tokens of steps ``skip+1 .. skip+steps`` over the time between the end of step ``skip`` and the end of the
 last step, so start-up, the first (warm-up) steps and tear-down are excluded on both sides alike, and everything
 each loop does per step (data loading, forward, backward, clipping, optimizer, schedule, logging) is included.
-Runs alternate L, H, L, H, ...; the summary compares the best run of each side (and the medians).
+Runs alternate L, H, R, L, H, R, ...; the summary compares the best run of each side (and the medians). R is a
+bare PyTorch loop over the same model, loss, clipping, AdamW and schedule: the floor no training loop goes below,
+so it shows how much per-step overhead either loop has left.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from transformers.trainer_callback import PrinterCallback
 from lmrecipes.bpe import train_bpe_tokenizer
 from lmrecipes.data.packing import iter_windows
 from lmrecipes.flops import device_peak_flops, transformer_flops_per_token
+from lmrecipes.losses import causal_lm_loss_sum
 from lmrecipes.models.clm import CausalLM
-from lmrecipes.optim import OptimizerConfig, split_decay_params
+from lmrecipes.optim import OptimizerConfig, build_optimizer, split_decay_params
 
 TINY = {"n_layer": 2, "n_embd": 128, "n_head": 4}
 HPARAMS = {"lr": 5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "lr_schedule": "cosine"}
@@ -210,6 +213,29 @@ def fit_lightning(module, data, args, steps: int, accumulate: int, probe: Lightn
         trainer.fit(module, loader)
 
 
+def fit_raw(module: CausalLM, data, args, steps: int, accumulate: int, clock: Clock) -> None:
+    """The floor of what any loop can cost: a bare PyTorch loop over the same model, loss, clipping, AdamW and
+    schedule (no hooks, no logging, no position bookkeeping): how much per-step overhead there is to cut at all."""
+    device = torch.device(args.device)
+    model = module.model.to(device).train()
+    optimizer, schedule = build_optimizer(model, module.optimizer_config, total_steps=steps)
+    batches = iter(
+        DataLoader(Windows(data), batch_size=args.batch, shuffle=False, pin_memory=args.device == "cuda")
+    )
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    for step in range(1, steps + 1):
+        for _ in range(accumulate):
+            ids = next(batches)["input_ids"].to(device, non_blocking=True)  # (B, T)
+            with autocast:
+                total, count = causal_lm_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)
+            (total / count / accumulate).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.step_done(step)
+
+
 def make_template(args, eos_id: int, hp: dict, dropout: float | None) -> CausalLM:
     """The seeded initial model both sides start from (deep-copied per run)."""
     config = {} if args.gpt2_124m else dict(TINY)
@@ -253,7 +279,9 @@ def timed_run(impl: str, template: CausalLM, data, args, hp: dict) -> float:
     clock = Clock(args.skip, total, args.device == "cuda")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if impl == "lightning":
+    if impl == "raw":
+        fit_raw(copy.deepcopy(template), data, args, total, args.accumulate, clock)
+    elif impl == "lightning":
         fit_lightning(
             copy.deepcopy(template), data, args, total, args.accumulate, LightningProbe(clock, False)
         )
@@ -273,7 +301,7 @@ def throughput(args, data, eos_id: int, hp: dict) -> None:
     flops, peak = transformer_flops_per_token(template.model, args.seq_len), peak_flops(args.device)
     meta = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "accumulate": args.accumulate}
     meta |= {"params": sum(p.numel() for p in template.model.parameters()), "precision": args.precision}
-    rates = {"lightning": [], "hf_trainer": []}
+    rates = {"lightning": [], "hf_trainer": [], "raw": []}
     for run in range(args.repeats):
         for impl, runs in rates.items():
             rate, peak_mem = timed_run(impl, template, data, args, hp)
@@ -300,6 +328,7 @@ def throughput(args, data, eos_id: int, hp: dict) -> None:
         "target_ge_1.0": ratio >= 1.0,
     }
     summary["median_ratio"] = round(median["lightning"] / median["hf_trainer"], 3)
+    summary["median_lightning_vs_bare_loop"] = round(median["lightning"] / median["raw"], 3)
     summary |= {"best_tokens_per_s": best, "median_tokens_per_s": median, "flops_per_token": flops}
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     summary |= {"peak_flops": peak, "device": device, "threads": torch.get_num_threads()}
