@@ -221,12 +221,18 @@ def _write_shard(folder: Path, index: int, texts: list[str], tokenizer, *, mode:
 
 
 def _tokenize_shards(
-    batch: dict, *, folder: str, bounds: list[int], tokenizer_path: str, mode: str, dtype: str
+    batch: dict, *, folder: str, bounds: list[int], tokenizer_path: str, mode: str, dtype: str, pool: bool
 ):
     """``Dataset.map`` function run in the worker processes: build the listed shards that are not finished."""
     import datasets
 
     from lmrecipes.data.stream import load_tokenizer
+
+    if pool:
+        # One core per process: the Rust tokenizer would otherwise start a thread per core in every process (4
+        # threads on 2 cores measured 652k tokens/s against 1.14M single-threaded, scripts/bench_prepare.py).
+        # Read by the tokenizer at every batch call; set in this worker process only.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     out, docs, tokenizer = Path(folder), None, None
     for index in batch["shard"]:
@@ -297,10 +303,10 @@ def _build(spec: PrepareSpec, output: Path, tokenizer, key: dict, fingerprint: s
     bounds = shard_bounds(docs.data.column("chars").to_numpy(), spec.shard_chars)
     dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "uint32"
     shards = len(bounds) - 1
-    build = functools.partial(_tokenize_shards, folder=str(output), bounds=bounds.tolist(),
+    workers = min(num_proc, shards)
+    build = functools.partial(_tokenize_shards, folder=str(output), bounds=bounds.tolist(), pool=workers > 1,
                               tokenizer_path=spec.tokenizer_path, mode=spec.mode, dtype=dtype)  # fmt: skip
     ids = datasets.Dataset.from_dict({"shard": list(range(shards))})
-    workers = min(num_proc, shards)
     ids.map(build, batched=True, batch_size=1, num_proc=workers if workers > 1 else None,
             load_from_cache_file=False, keep_in_memory=True, desc="tokenizing shards")  # fmt: skip
     records = [finished_shard(output, i) for i in range(shards)]
