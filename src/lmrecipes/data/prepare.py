@@ -19,12 +19,10 @@ process pool over shard ids, so the pool, its start-up and its error reporting a
 resolves to torch 2.14.1 with the CUDA 13 wheels and torchvision (it depends on torchvision, which pins torch), a
 multi-GB change of the training stack for one optional feature; its own resume has known bugs (litData #316, #775);
 and its reader keeps its own position, not the batches-consumed position every recipe here saves, so its chunk
-files would still need our exactly-once permutation and resume on top. Measured with ``python
-scripts/bench_prepare.py --max-chars 20000000`` (1,301 files, 5.85 M tokens, 10 shards) on this 2-core machine
-while other jobs kept its load average at 2-9: 1 process 163k tokens/s, 2 processes 125k (load 2.4 -> 3.9; at
-load 9: 70k and 80k); a bare fork Pool(2) of the same encode_batch calls did not scale either (2.2 s serial,
-2.7 s parallel), so the machine had no second core to give. Dedup 25.0 bytes per document for 1 M digests
-(a Python set: 76.1); first batch after resuming at 90 % of an epoch 0.97x the time at 0 %.
+files would still need our exactly-once permutation and resume on top. Measured (``python
+scripts/bench_prepare.py --max-chars 20000000``, idle 2-core machine): 1 process 1.05 M tokens/s (the tokenizer's
+own threads on both cores), 2 processes 1.26 M; one tokenizer thread per process 0.59 M vs 1.14 M (1.92x); dedup
+25.0 bytes per document for 1 M digests (a Python set: 76.1).
 """
 
 from __future__ import annotations
