@@ -234,35 +234,37 @@ def test_training_from_a_prepared_folder_resumes_exactly(code_tree, tmp_path, mo
 
 @pytest.mark.slow
 def test_max_epochs_resized_from_2_processes_to_1_trains_the_epoch_once(code_tree, tmp_path):
-    """Pre-tokenized windows, max_epochs 1: preempted after 3 steps of 2 DDP processes, resumed on 1, the steps
-    left are counted from the windows left (counting the epoch's steps afresh would train 3 batches twice)."""
+    """Pre-tokenized windows, max_epochs 1: preempted after 3 steps of 2 DDP processes, resumed on 1 and preempted
+    again at step 6, then resumed on 1 once more: the steps left are counted from the windows left each time
+    (counting the epoch's steps afresh would train batches twice, at the first resume or at the second)."""
     from faults import read_log
     from test_resilience import callbacks_config, run_cli, signal_at
 
     run = tmp_path / "run"
     run.mkdir()
     batch = 8
-    config = callbacks_config(run / "cb.yaml", run / "log", signal_at("SIGTERM", step=3), every=100)
-    common = ["--config", config, "--data.init_args.packing.pretokenize", "true", "--trainer.max_steps", "-1",
-              "--trainer.max_epochs", "1", "--data.init_args.packing.seq_len", "64", "--trainer.limit_val_batches",
-              "0", "--data.init_args.loader.batch_size", str(batch), "--trainer.accelerator", "cpu"]  # fmt: skip
-    first = run_cli(
-        [*fit_args(code_tree, run, *common), "--trainer.devices", "2", "--trainer.strategy", "ddp"], run
-    )
-    assert "max_steps=" in first.stderr and (run / "runs/clm-offline/checkpoints/last.ckpt").exists(), (
-        first.stderr[-3000:]
-    )
-    second = run_cli(
-        [*fit_args(code_tree, run, *common), "--trainer.devices", "1", "--ckpt_path", "last"], run
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    found = re.search(
-        r"resumed on 1 processes \(saved by 2\): ([\d,]+) of ([\d,]+) windows done", second.stderr
-    )
-    assert found, second.stderr[-3000:]
+    runs = [(signal_at("SIGTERM", step=3), ["--trainer.devices", "2", "--trainer.strategy", "ddp"]),
+            (signal_at("SIGTERM", step=6), ["--trainer.devices", "1", "--ckpt_path", "last"]),
+            (None, ["--trainer.devices", "1", "--ckpt_path", "last"])]  # fmt: skip
+    logs = []
+    for n, (fault, launch) in enumerate(runs):
+        config = callbacks_config(run / f"cb{n}.yaml", run / "log", *[fault] if fault else [], every=100)
+        args = ["--config", config, "--data.init_args.packing.pretokenize", "true", "--trainer.max_steps", "-1",
+                "--trainer.max_epochs", "1", "--data.init_args.packing.seq_len", "64", "--trainer.limit_val_batches",
+                "0", "--data.init_args.loader.batch_size", str(batch), "--trainer.accelerator", "cpu", *launch]  # fmt: skip
+        proc = run_cli(fit_args(code_tree, run, *args), run)
+        assert "max_steps=" in proc.stderr and (run / "runs/clm-offline/checkpoints/last.ckpt").exists(), (
+            proc.stderr[-3000:]
+        )
+        logs.append(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the last run trained to the end of the epoch
+    found = re.search(r"resumed on 1 processes \(saved by 2\): ([\d,]+) of ([\d,]+) windows done", logs[1])
+    assert found, logs[1][-3000:]
     done, windows = (int(g.replace(",", "")) for g in found.groups())
     assert done == 3 * 2 * batch
-    batches = sum(len(rows) for rows in read_log(run / "log").values())  # every rank's, both runs
+    again = re.search(r"resumed on 1 processes \(saved by 1\): ([\d,]+) of", logs[2])
+    assert again and int(again.group(1).replace(",", "")) == done + 3 * batch, logs[2][-3000:]
+    batches = sum(len(rows) for rows in read_log(run / "log").values())  # every rank's, all three runs
     assert (
         batches * batch == done + -(-(windows - done) // batch) * batch
     )  # the epoch once, the last batch filled

@@ -70,9 +70,11 @@ class EpochsFromData(pl.Callback):
         steps left are counted from the windows left (else a 2 -> 1 resize would train half the data twice)."""
         dm = trainer.datamodule
         state = checkpoint.get(type(dm).__qualname__) if dm is not None else None
-        if self.steps is None or not state or len(state.get("ranks", [])) == trainer.world_size:
+        if self.steps is None or not state or not state.get("ranks"):
             return
         old_world, saved = len(state["ranks"]), state["ranks"][0]
+        if old_world == trainer.world_size and not saved.get("base"):
+            return  # never resized: every step so far was a step of this world size
         batch_size, accumulate = dm.loader.batch_size, trainer.accumulate_grad_batches
         windows = dm.batches_per_epoch() * batch_size * trainer.world_size  # windows of one epoch, all ranks
         done = windows_done(base=saved.get("base", 0), consumed=saved["consumed"], world_size=old_world,

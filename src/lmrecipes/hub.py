@@ -163,7 +163,9 @@ class PushToHub(pl.Callback):
         self._last_pushed = step  # on every rank: they all take part in the gather below
         from lmrecipes.sharding import unsharded_module
 
-        pl_module = unsharded_module(pl_module)  # FSDP2: every rank gathers the shards, rank 0 gets the model
+        # FSDP2: every rank gathers the shards, rank 0 gets the model: on the CPU, as export needs it, since a
+        # whole copy on a GPU that holds only its shards (and their optimizer states) may not fit
+        pl_module = unsharded_module(pl_module, device="cpu")
         if not trainer.is_global_zero:
             return
         from lmrecipes.export import model_card, record_class, save_hf_folder

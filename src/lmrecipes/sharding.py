@@ -161,10 +161,11 @@ def configure_sharding(module) -> None:
     )
 
 
-def unsharded_module(module):
+def unsharded_module(module, device: str | torch.device | None = None):
     """``module`` with whole weights, for what runs on rank 0 alone (the end-of-fit report, its export): under
     FSDP2 every rank must call this (it gathers the shards) and rank 0 gets a plain copy of the module built from
-    its hyper-parameters, the others None; under any other strategy, ``module`` itself."""
+    its hyper-parameters on ``device`` (default: the training device), the others None; under any other strategy,
+    ``module`` itself."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     trainer = module.trainer
@@ -177,4 +178,4 @@ def unsharded_module(module):
     # as load_from_checkpoint rebuilds a module (LightningCLI adds its own "_class_path" entry)
     copy = type(module)(**{k: v for k, v in module.hparams.items() if not k.startswith("_")})
     copy.load_state_dict(weights)
-    return copy.to(trainer.strategy.root_device).train(module.training)
+    return copy.to(device or trainer.strategy.root_device).train(module.training)
