@@ -107,6 +107,7 @@ class CodeDataModule(pl.LightningDataModule):
         self._resume: dict | None = None
         self._fingerprint: str | None = None
         self._shards: list | None = None
+        self._logged_streams = 0
         self._train_built = False  # a train loader was built (load_state_dict may come after it)
 
     # values linked into the model by the CLI
@@ -335,6 +336,9 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _log_streams(self, streams: int) -> None:
         """Rank 0, once: how the shards spread over the streams, and what that costs."""
+        if self._logged_streams == streams:  # Lightning asks for the train loader more than once per fit
+            return
+        self._logged_streams = streams
         n = len(self._shard_list())
         parts = parts_per_shard(n, streams)
         rank_zero_info(
