@@ -30,13 +30,13 @@ def test_flops_per_batch_follow_each_batchs_length():
     model = tiny_module()
     shapes = [(4, 8), (2, 24), (3, 16)]  # (B, T): none is the module's seq_len, nor 1,024
     batches = [{"input_ids": torch.zeros(shape, dtype=torch.long)} for shape in shapes]
-    seen = []
+    seen, throughput = [], TokenThroughput(every_n_steps=2)
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            seen.append(module.flops_per_batch)
+            seen.append(throughput.flops_per_batch)
 
-    fit(model, batches, [TokenThroughput(every_n_steps=2), Record()], max_steps=3)
+    fit(model, batches, [throughput, Record()], max_steps=3)
     expected = [int(transformer_flops_per_token(model.model, t) * b * t) for b, t in shapes]
     assert seen == expected
     # PaLM's formula by hand: 6 N + 12 L H Q T, N without the 64 x 16 position table

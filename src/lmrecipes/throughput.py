@@ -40,6 +40,7 @@ class TokenThroughput(pl.Callback):
         self._t0: float | None = None
         self._tokens = self._flops = self._excluded = 0.0
         self._step0 = 0
+        self.flops_per_batch: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.peak_flops is None:
@@ -68,7 +69,7 @@ class TokenThroughput(pl.Callback):
         if self._params[0] is not model:
             self._params = (model, matmul_params(model))
         per_token = transformer_flops_per_token(model, seq_len, self._params[1])
-        pl_module.flops_per_batch = int(per_token * batch_size * seq_len)
+        self.flops_per_batch = int(per_token * batch_size * seq_len)  # this batch's, for whoever reads it
         self._tokens += batch_size * seq_len
         self._flops += per_token * batch_size * seq_len
 

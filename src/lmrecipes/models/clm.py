@@ -128,7 +128,6 @@ class CausalLM(RecipeModule):
             self.model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
         # compiled at the first forward (after any sharding or device move); False once compiling failed
         self._compiled = None if compile else False
-        self.flops_per_batch: int | None = None  # set by the throughput callback
 
     def _check_fits(self, vocab_size: int, seq_len: int) -> None:
         cfg = self.model.config
