@@ -74,8 +74,8 @@ def check_ckpt_path(path: str | None) -> None:
 
 
 def hf_model(module: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model a recipe module wraps (unwrapped from ``torch.compile``)."""
-    return getattr(module.model, "_orig_mod", module.model)
+    """The Hugging Face model a recipe module wraps (``compile`` keeps it unwrapped: ``nn.Module.compile``)."""
+    return module.model
 
 
 def portable_contents(module) -> dict:
@@ -146,7 +146,7 @@ def hf_from_checkpoint(path: str | Path):
         )
     config = dict(meta["model_config"])
     model = cls(transformers.AutoConfig.for_model(config.pop("model_type"), **config))
-    prefix = (
+    prefix = (  # checkpoints written when compile wrapped the model in torch.compile's module
         "model._orig_mod."
         if any(k.startswith("model._orig_mod.") for k in checkpoint["state_dict"])
         else "model."

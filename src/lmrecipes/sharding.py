@@ -151,9 +151,8 @@ def configure_sharding(module) -> None:
     strategy = trainer.strategy
     if not isinstance(strategy, FSDP2Strategy):
         return
-    model = getattr(module.model, "_orig_mod", module.model)  # sharded under torch.compile's wrapper
     shard(
-        model,
+        module.model,
         mesh=strategy.device_mesh["data_parallel"],
         reshard_after_forward=strategy.reshard_after_forward,
         checkpointing=strategy.activation_checkpointing,

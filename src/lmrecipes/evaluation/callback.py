@@ -88,7 +88,7 @@ class HumanEvalCallback(pl.Callback):
 
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(pl_module.hparams["tokenizer_path"])
-        model = getattr(pl_module.model, "_orig_mod", pl_module.model)
+        model = pl_module.model
         was_training = model.training
         model.eval()
         programs = []
