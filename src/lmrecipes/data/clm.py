@@ -108,6 +108,7 @@ class CodeDataModule(pl.LightningDataModule):
         self._fingerprint: str | None = None
         self._shards: list | None = None
         self._logged_streams = 0
+        self._windows: tuple | None = None  # (prepared data, shard of each window, window starts)
         self._train_built = False  # a train loader was built (load_state_dict may come after it)
 
     # values linked into the model by the CLI
@@ -260,7 +261,11 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _token_windows(self) -> tuple[PreparedData, np.ndarray, np.ndarray]:
         """(prepared data, shard of each window, window starts) of the pre-tokenized training set: the folder
-        ``packing.prepared`` names, or the one ``pretokenize`` builds under ``cache_dir``."""
+        ``packing.prepared`` names, or the one ``pretokenize`` builds under ``cache_dir``. Read once per run: the
+        step count, every train loader Lightning asks for and every checkpoint's signature use it (a folder of
+        thousands of shards has as many index files to read and sizes to check)."""
+        if self._windows is not None:
+            return self._windows
         p = self.packing
         if p.prepared is not None and p.pretokenize:
             raise ValueError(
@@ -274,7 +279,8 @@ class CodeDataModule(pl.LightningDataModule):
         data = PreparedData(location)
         data.check_matches(tokenizer=tokenizer_fingerprint(self.tokenizer), mode=p.mode)
         data.check_files()
-        return data, *data.windows(p.seq_len)
+        self._windows = (data, *data.windows(p.seq_len))
+        return self._windows
 
     def batches_per_epoch(self) -> int | None:
         """Batches per rank that use every training window once (pre-tokenized data); None when streamed, whose
@@ -394,7 +400,7 @@ class CodeDataModule(pl.LightningDataModule):
 
     def _prepared_fingerprint(self) -> str:
         """A prepared folder is named in a saved position by its content: it may move, it may not change."""
-        return PreparedData(self.packing.prepared).manifest["fingerprint"]
+        return self._token_windows()[0].manifest["fingerprint"]
 
     def _shuffle_seed(self) -> int:
         """``loader.shuffle_seed``; when None, the run's ``seed_everything`` value (a resume keeps the saved one)."""
